@@ -1,0 +1,35 @@
+"""orders: an async gRPC order service and its Python client library.
+
+    from orders import OrderClient, Item, OrderStatus
+"""
+
+from orders._proto.orders.v1 import Order, OrderItem, OrderStatus, StatusUpdate
+from orders.client import Item, OrderClient, RetryPolicy
+from orders.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OrderError,
+    OutOfRange,
+    Unavailable,
+)
+
+__all__ = [
+    "Aborted",
+    "AlreadyExists",
+    "FailedPrecondition",
+    "InvalidArgument",
+    "Item",
+    "NotFound",
+    "Order",
+    "OrderClient",
+    "OrderError",
+    "OrderItem",
+    "OrderStatus",
+    "OutOfRange",
+    "RetryPolicy",
+    "StatusUpdate",
+    "Unavailable",
+]

@@ -1,0 +1,108 @@
+"""Per-call plumbing for the grpclib server: request ids, error mapping and the access log.
+
+Installed as a grpclib ``RecvRequest`` listener that wraps every method handler, so it also
+covers requests that fail to decode. Service code raises :mod:`orders.errors`; here they become
+gRPC statuses. Anything unexpected becomes INTERNAL with the request id, and its traceback goes to
+the log only, never onto the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any
+
+from grpclib.const import Status
+from grpclib.encoding.proto import ProtoCodec
+from grpclib.events import RecvRequest, listen
+from grpclib.exceptions import GRPCError
+from grpclib.server import Server, Stream
+
+from orders.errors import OrderError
+
+REQUEST_ID_HEADER = "x-request-id"
+
+access_log = logging.getLogger("orders.access")
+log = logging.getLogger(__name__)
+
+
+class StrictProtoCodec(ProtoCodec):
+    """grpclib's protobuf codec, answering undecodable messages with INVALID_ARGUMENT."""
+
+    def decode(self, data: bytes, message_type: Any) -> Any:
+        try:
+            return super().decode(data, message_type)
+        except Exception as exc:
+            raise GRPCError(
+                Status.INVALID_ARGUMENT, f"the request is not a valid {message_type.__name__} message: {exc}"
+            ) from exc
+
+
+class CallMiddleware:
+    """Wraps every call of a grpclib server: request id, error mapping, access log, drain tracking."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def install(self, server: Server) -> None:
+        """Attach to ``server``; call before it starts."""
+        listen(server, RecvRequest, self._wrap_call)
+
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new calls with UNAVAILABLE and wait up to ``timeout`` s for the running ones."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def _wrap_call(self, event: RecvRequest) -> None:
+        handler = event.method_func
+        method = event.method_name
+        request_id = str(event.metadata.get(REQUEST_ID_HEADER) or uuid.uuid4().hex[:16])
+        peer = event.peer.addr() if event.peer is not None else None
+
+        async def handle(stream: Stream[Any, Any]) -> None:
+            started = time.perf_counter()
+            code = "OK"
+            self._in_flight += 1
+            self._idle.clear()
+            try:
+                if self.draining:
+                    raise GRPCError(Status.UNAVAILABLE, "the server is shutting down; retry on another server or later")
+                await handler(stream)
+            except GRPCError as exc:
+                code = exc.status.name
+                raise
+            except OrderError as exc:
+                code = exc.code
+                raise GRPCError(Status[exc.code], exc.message) from None
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except Exception:
+                code = "INTERNAL"
+                log.exception("request %s (%s) failed", request_id, method)
+                raise GRPCError(
+                    Status.INTERNAL, f"internal server error; the server log has details under request id {request_id}"
+                ) from None
+            finally:
+                self._in_flight -= 1
+                if not self._in_flight:
+                    self._idle.set()
+                access_log.info(
+                    "%s %s peer=%s request_id=%s %.1fms",
+                    method,
+                    code,
+                    peer,
+                    request_id,
+                    (time.perf_counter() - started) * 1000,
+                )
+
+        event.method_func = handle

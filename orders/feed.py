@@ -1,0 +1,193 @@
+"""The status event feed: replay from the event log, then live fan-out to every watcher.
+
+The database's event log is the truth. One tailer task per process reads new events from the log
+(woken by local writes, and by a short poll for writes made by other processes), renders each event
+once, and offers it to every matching watcher's bounded queue. A watcher whose queue overflows is not
+dropped and never slows the tailer: it drops its queue, catches up from the database, and rejoins the
+live queue; sequence numbers make the seams free of gaps and duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from typing import Generic, TypeVar
+
+from orders.domain import StatusEvent, WatchQuery
+from orders.errors import OutOfRange, Unavailable
+
+T = TypeVar("T")
+ReadEvents = Callable[[int, Collection[str], int], Awaitable[list[StatusEvent]]]
+ReadBounds = Callable[[], Awaitable[tuple[int, int]]]
+
+log = logging.getLogger(__name__)
+
+
+class _Watcher(Generic[T]):
+    """One stream's mailbox: a bounded queue of (sequence, payload) plus a lag flag."""
+
+    __slots__ = ("order_ids", "pending", "capacity", "lagged", "closed", "wakeup")
+
+    def __init__(self, order_ids: frozenset[str], capacity: int) -> None:
+        self.order_ids = order_ids
+        self.pending: collections.deque[tuple[int, T]] = collections.deque()
+        self.capacity = capacity
+        self.lagged = False
+        self.closed = False
+        self.wakeup = asyncio.Event()
+
+    def offer(self, sequence: int, payload: T) -> None:
+        if self.lagged:
+            return
+        if len(self.pending) >= self.capacity:
+            self.lagged = True
+            self.pending.clear()
+        else:
+            self.pending.append((sequence, payload))
+        self.wakeup.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.wakeup.set()
+
+
+class Feed(Generic[T]):
+    """Fans committed status events out to watchers; ``render`` turns an event into what is sent."""
+
+    def __init__(
+        self,
+        read_events: ReadEvents,
+        read_bounds: ReadBounds,
+        render: Callable[[StatusEvent], T],
+        render_heartbeat: Callable[[int], T],
+        *,
+        queue_capacity: int = 1024,
+        page_size: int = 500,
+        poll_interval: float = 0.25,
+    ) -> None:
+        self._read_events = read_events
+        self._read_bounds = read_bounds
+        self._render = render
+        self._render_heartbeat = render_heartbeat
+        self._queue_capacity = queue_capacity
+        self._page_size = page_size
+        self._poll_interval = poll_interval
+        self._watchers: set[_Watcher[T]] = set()
+        self._all_orders: set[_Watcher[T]] = set()
+        self._by_order: dict[str, set[_Watcher[T]]] = collections.defaultdict(set)
+        self._new_events = asyncio.Event()
+        self._tailer: asyncio.Task[None] | None = None
+        self.head = 0
+
+    @property
+    def watcher_count(self) -> int:
+        """How many streams are open."""
+        return len(self._watchers)
+
+    async def start(self) -> None:
+        """Start tailing the log from its current head."""
+        _, self.head = await self._read_bounds()
+        self._tailer = asyncio.create_task(self._tail(), name="orders-feed-tailer")
+
+    def notify(self) -> None:
+        """Tell the tailer that new events were committed."""
+        self._new_events.set()
+
+    async def close(self) -> None:
+        """End every stream (they raise Unavailable) and stop tailing."""
+        for watcher in self._watchers:
+            watcher.close()
+        if self._tailer is not None:
+            self._tailer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._tailer
+
+    async def _tail(self) -> None:
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._new_events.wait(), self._poll_interval)
+            self._new_events.clear()
+            try:
+                while await self._publish_next_page():
+                    pass
+            except Exception:  # the database is the truth: log, and read again on the next wake-up
+                log.exception("reading the event log failed; retrying")
+
+    async def _publish_next_page(self) -> bool:
+        events = await self._read_events(self.head, (), self._page_size)
+        for event in events:
+            payload = self._render(event)
+            for watcher in self._all_orders:
+                watcher.offer(event.sequence, payload)
+            for watcher in self._by_order.get(event.order_id, ()):
+                watcher.offer(event.sequence, payload)
+            self.head = event.sequence
+        return len(events) == self._page_size
+
+    def _register(self, watcher: _Watcher[T]) -> None:
+        self._watchers.add(watcher)
+        if not watcher.order_ids:
+            self._all_orders.add(watcher)
+        for order_id in watcher.order_ids:
+            self._by_order[order_id].add(watcher)
+
+    def _unregister(self, watcher: _Watcher[T]) -> None:
+        self._watchers.discard(watcher)
+        self._all_orders.discard(watcher)
+        for order_id in watcher.order_ids:
+            watchers = self._by_order.get(order_id)
+            if watchers is not None:
+                watchers.discard(watcher)
+                if not watchers:
+                    del self._by_order[order_id]
+
+    async def watch(self, query: WatchQuery) -> AsyncIterator[T]:
+        """Yield rendered updates for ``query``: replay from the log if asked, then live, forever."""
+        watcher: _Watcher[T] = _Watcher(query.order_ids, self._queue_capacity)
+        self._register(watcher)
+        try:
+            if query.after_sequence is None:
+                cursor, catching_up = self.head, False
+            else:
+                first, head = await self._read_bounds()
+                if not first - 1 <= query.after_sequence <= head:
+                    raise OutOfRange(
+                        f"after_sequence {query.after_sequence} is outside the retained event log, "
+                        f"which holds sequences {first} to {head}; use a value from {first - 1} to {head}"
+                    )
+                cursor, catching_up = query.after_sequence, True
+            loop = asyncio.get_running_loop()
+            last_sent = loop.time()
+            while True:
+                if watcher.closed:
+                    raise Unavailable(f"the server is shutting down; reconnect with after_sequence={cursor}")
+                if catching_up:
+                    events = await self._read_events(cursor, query.order_ids, self._page_size)
+                    for event in events:
+                        cursor = event.sequence
+                        yield self._render(event)
+                    catching_up = len(events) == self._page_size
+                    last_sent = loop.time()
+                elif watcher.lagged:
+                    watcher.lagged, catching_up = False, True
+                elif watcher.pending:
+                    sequence, payload = watcher.pending.popleft()
+                    if sequence > cursor:
+                        cursor = sequence
+                        yield payload
+                        last_sent = loop.time()
+                else:
+                    watcher.wakeup.clear()
+                    timeout = None
+                    if query.heartbeat_seconds:
+                        timeout = max(0.0, last_sent + query.heartbeat_seconds - loop.time())
+                    try:
+                        await asyncio.wait_for(watcher.wakeup.wait(), timeout)
+                    except asyncio.TimeoutError:
+                        yield self._render_heartbeat(max(self.head, cursor))
+                        last_sent = loop.time()
+        finally:
+            self._unregister(watcher)

@@ -1,0 +1,136 @@
+"""The server process: configuration, health, reflection, signals, and the startup line.
+
+``python -m orders.server`` and ``orders serve`` both land in :func:`main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from grpclib.health.service import Health
+from grpclib.health.v1 import health_pb2
+from grpclib.reflection.service import ServerReflection
+from grpclib.server import Server
+
+from orders._proto.google_proto_descriptor_pool import default_google_proto_descriptor_pool
+from orders.calls import CallMiddleware, StrictProtoCodec
+from orders.service import OrderService, new_feed
+from orders.storage import DEFAULT_DB_URL, Storage
+
+log = logging.getLogger(__name__)
+
+# Reflection serves our own descriptors plus grpc.health.v1, so grpcurl needs no proto files.
+_DESCRIPTORS = default_google_proto_descriptor_pool
+_DESCRIPTORS.AddSerializedFile(health_pb2.DESCRIPTOR.serialized_pb)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything ``orders serve`` can be told; each field has an ``ORDERS_*`` environment twin."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    db: str = DEFAULT_DB_URL
+    log_level: str = "info"
+    grace: float = 10.0
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the server flags, each defaulting to its ORDERS_* environment variable."""
+    defaults = ServerConfig()
+
+    def env(name: str, default: object) -> str:
+        return os.environ.get(f"ORDERS_{name.upper()}", str(default))
+
+    parser.add_argument("--host", default=env("host", defaults.host), help="address to bind (ORDERS_HOST; default %(default)s; 0.0.0.0 or :: to serve a network)")
+    parser.add_argument("--port", type=int, default=env("port", defaults.port), help="port, 0 picks a free one (ORDERS_PORT; default %(default)s)")
+    parser.add_argument("--db", default=env("db", defaults.db), help="database URL in playhouse.db_url form (ORDERS_DB; default %(default)s)")
+    parser.add_argument("--log-level", default=env("log_level", defaults.log_level), choices=["debug", "info", "warning", "error"], help="log level (ORDERS_LOG_LEVEL; default %(default)s)")
+    parser.add_argument("--grace", type=float, default=env("grace", defaults.grace), help="seconds to let in-flight calls finish on shutdown (ORDERS_GRACE; default %(default)s)")
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The ServerConfig described by parsed server flags."""
+    return ServerConfig(host=args.host, port=int(args.port), db=args.db, log_level=args.log_level, grace=float(args.grace))
+
+
+class OrderServer:
+    """One running orders server: storage, event feed, grpclib server with health and reflection."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.storage = Storage(config.db)
+        self.feed = new_feed(self.storage)
+        self.service = OrderService(self.storage, self.feed)
+        self.health = Health()
+        services = [self.service, self.health]
+        self._calls = CallMiddleware()
+        self._server = Server(ServerReflection.extend(services, pool=_DESCRIPTORS) + services, codec=StrictProtoCodec())
+        self._calls.install(self._server)
+        self.port = 0
+
+    async def start(self) -> int:
+        """Open the database, start serving, and return the port actually bound."""
+        await self.storage.open()
+        await self.feed.start()
+        await self._server.start(self.config.host, self.config.port)
+        sockets = self._server._server.sockets if self._server._server else ()
+        self.port = sockets[0].getsockname()[1] if sockets else self.config.port
+        return self.port
+
+    async def stop(self) -> None:
+        """Drain: refuse new calls, end streams with UNAVAILABLE, let unary calls finish, close the database."""
+        self._server._server.close()  # stop accepting connections
+        await self.feed.close()
+        if not await self._calls.drain(self.config.grace):
+            log.warning("calls still running after %.1fs grace; cancelling them", self.config.grace)
+        self._server.close()
+        await self._server.wait_closed()
+        await self.storage.close()
+
+    async def __aenter__(self) -> OrderServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run a server until SIGINT or SIGTERM, then shut it down gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    async with OrderServer(config) as server:
+        print(f"Server started on port {server.port}", flush=True)
+        await stop.wait()
+        log.info("shutting down")
+    log.info("stopped")
+
+
+def configure_logging(level: str) -> None:
+    """Log to stderr at ``level``."""
+    logging.basicConfig(
+        level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``python -m orders.server``."""
+    parser = argparse.ArgumentParser(prog="orders serve", description="Run the orders gRPC server.")
+    add_server_arguments(parser)
+    config = config_from_args(parser.parse_args(argv))
+    configure_logging(config.log_level)
+    asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    main()

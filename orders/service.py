@@ -1,0 +1,93 @@
+"""The gRPC servicer: wire messages in, domain decisions and storage calls, wire messages out.
+
+The only module that touches both the generated messages and the domain. Errors are raised as
+:mod:`orders.errors` exceptions; :mod:`orders.calls` turns them into gRPC status codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from orders import domain, wire
+from orders._proto.orders.v1 import (
+    CancelOrderRequest,
+    CancelOrderResponse,
+    CreateOrderRequest,
+    CreateOrderResponse,
+    GetOrderRequest,
+    GetOrderResponse,
+    ListOrdersRequest,
+    ListOrdersResponse,
+    Order,
+    OrderServiceBase,
+    OrderStatusStreamRequest,
+    StatusUpdate,
+    UpdateOrderStatusRequest,
+    UpdateOrderStatusResponse,
+)
+from orders.feed import Feed
+from orders.storage import Storage
+
+
+def new_feed(storage: Storage) -> Feed[StatusUpdate]:
+    """A feed over ``storage``'s event log that renders wire StatusUpdates."""
+    repository = storage.repository
+    return Feed(
+        read_events=lambda after, order_ids, limit: storage.read(repository.events_after, after, order_ids, limit),
+        read_bounds=lambda: storage.read(repository.log_bounds),
+        render=wire.status_update,
+        render_heartbeat=wire.heartbeat,
+    )
+
+
+class OrderService(OrderServiceBase):
+    """orders.v1.OrderService over a :class:`Storage` and its :class:`Feed`."""
+
+    def __init__(self, storage: Storage, feed: Feed[StatusUpdate]) -> None:
+        self._storage = storage
+        self._repository = storage.repository
+        self._feed = feed
+
+    async def create_order(self, message: CreateOrderRequest) -> CreateOrderResponse:
+        new = domain.validate_new_order(
+            [(item.product_name, item.quantity, item.price) for item in message.items],
+            message.total_amount,
+            message.currency_code,
+        )
+        request_id = domain.parse_request_id(message.request_id)
+        order, event = await self._storage.write(self._repository.create_order, new, request_id)
+        if event is not None:
+            self._feed.notify()
+        return CreateOrderResponse(order=wire.order_message(order))
+
+    async def get_order(self, message: GetOrderRequest) -> GetOrderResponse:
+        order_id = domain.parse_order_id(message.id)
+        order = await self._storage.read(self._repository.get_order, order_id)
+        return GetOrderResponse(order=wire.order_message(order))
+
+    async def update_order_status(self, message: UpdateOrderStatusRequest) -> UpdateOrderStatusResponse:
+        order = await self._change_status(message.id, domain.parse_status(message.status), message.expected_version)
+        return UpdateOrderStatusResponse(order=order)
+
+    async def cancel_order(self, message: CancelOrderRequest) -> CancelOrderResponse:
+        order = await self._change_status(message.id, domain.Status.CANCELLED, message.expected_version)
+        return CancelOrderResponse(order=order)
+
+    async def _change_status(self, raw_id: str, target: domain.Status, expected_version: int) -> Order:
+        order_id = domain.parse_order_id(raw_id)
+        expected = domain.parse_expected_version(expected_version)
+        order, event = await self._storage.write(self._repository.change_status, order_id, target, expected)
+        if event is not None:
+            self._feed.notify()
+        return wire.order_message(order)
+
+    async def list_orders(self, message: ListOrdersRequest) -> ListOrdersResponse:
+        query = domain.parse_list_query(message.page_size, message.page_token, message.statuses)
+        orders, last_key = await self._storage.read(self._repository.list_orders, query)
+        token = "" if last_key is None else domain.encode_page_token(query.statuses, last_key)
+        return ListOrdersResponse(orders=[wire.order_message(o) for o in orders], next_page_token=token)
+
+    async def order_status_stream(self, message: OrderStatusStreamRequest) -> AsyncIterator[StatusUpdate]:
+        query = domain.parse_watch_query(message.order_ids, message.after_sequence, message.heartbeat_seconds)
+        async for update in self._feed.watch(query):
+            yield update

@@ -1,0 +1,344 @@
+"""Persistence: peewee models and the repository. The only module that knows SQL or peewee.
+
+The repository's methods are synchronous and run on the storage threads (:class:`Storage`), never on
+the event loop: one writer thread serialises every write transaction (``BEGIN IMMEDIATE`` on SQLite),
+and one reader thread serves reads, which SQLite's WAL mode lets run beside the writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import ParamSpec, TypeVar
+
+import peewee
+from playhouse import db_url
+
+from orders import domain
+from orders.domain import Item, ListQuery, NewOrder, Order, Status, StatusEvent
+from orders.errors import Aborted, AlreadyExists, NotFound, Unavailable
+
+SCHEMA_VERSION = 1
+DEFAULT_DB_URL = "sqlite:///orders.db"
+SQLITE_PRAGMAS = {
+    "journal_mode": "wal",
+    "synchronous": "full",
+    "foreign_keys": 1,
+    "busy_timeout": 10_000,
+}
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class _Model(peewee.Model):
+    class Meta:
+        legacy_table_names = False
+
+
+class OrderRow(_Model):
+    key = peewee.AutoField()  # creation order: the keyset for paging
+    id = peewee.CharField(max_length=36, unique=True)
+    status = peewee.SmallIntegerField()
+    total_cents = peewee.BigIntegerField()
+    currency_code = peewee.CharField(max_length=3)
+    version = peewee.IntegerField()
+    create_time_us = peewee.BigIntegerField()
+    update_time_us = peewee.BigIntegerField()
+
+    class Meta:
+        table_name = "order"
+        indexes = ((("status", "key"), False),)
+
+
+class ItemRow(_Model):
+    key = peewee.AutoField()
+    order = peewee.ForeignKeyField(OrderRow, field="key", column_name="order_key", on_delete="CASCADE", index=False)
+    position = peewee.IntegerField()
+    id = peewee.CharField(max_length=36)
+    product_name = peewee.TextField()
+    quantity = peewee.IntegerField()
+    price_cents = peewee.BigIntegerField()
+
+    class Meta:
+        table_name = "order_item"
+        indexes = ((("order", "position"), True),)
+
+
+class EventRow(_Model):
+    sequence = peewee.AutoField()
+    order_id = peewee.CharField(max_length=36)
+    previous = peewee.SmallIntegerField(null=True)
+    status = peewee.SmallIntegerField()
+    time_us = peewee.BigIntegerField()
+
+    class Meta:
+        table_name = "status_event"
+        indexes = ((("order_id", "sequence"), False),)
+
+
+class IdempotencyRow(_Model):
+    key = peewee.CharField(max_length=domain.MAX_REQUEST_ID_LENGTH, primary_key=True)
+    fingerprint = peewee.CharField(max_length=64)
+    order_id = peewee.CharField(max_length=36)
+    created_us = peewee.BigIntegerField(index=True)
+
+    class Meta:
+        table_name = "idempotency_key"
+
+
+class SchemaRow(_Model):
+    version = peewee.IntegerField()
+
+    class Meta:
+        table_name = "schema_version"
+
+
+MODELS: tuple[type[_Model], ...] = (OrderRow, ItemRow, EventRow, IdempotencyRow, SchemaRow)
+
+
+def open_database(url: str) -> peewee.Database:
+    """Open a database from a ``playhouse.db_url`` URL, with the durability settings for SQLite."""
+    if url.startswith("sqlite"):
+        return db_url.connect(url, pragmas=SQLITE_PRAGMAS, timeout=10)
+    return db_url.connect(url)
+
+
+def now_us() -> int:
+    """Wall-clock time in microseconds since the Unix epoch."""
+    return time.time_ns() // 1000
+
+
+class Repository:
+    """Reads and writes orders, items, status events and idempotency keys in one database."""
+
+    def __init__(self, database: peewee.Database) -> None:
+        self.database = database
+        self._models = {model: _bind(model, database) for model in MODELS}
+        self._orders = self._models[OrderRow]
+        self._items = self._models[ItemRow]
+        self._events = self._models[EventRow]
+        self._keys = self._models[IdempotencyRow]
+        self._schema = self._models[SchemaRow]
+
+    def _write_transaction(self) -> peewee._atomic:
+        if isinstance(self.database, peewee.SqliteDatabase):
+            return self.database.atomic("IMMEDIATE")
+        return self.database.atomic()
+
+    # --- schema ------------------------------------------------------------------------------
+
+    def migrate(self) -> None:
+        """Create the schema if missing; refuse a database written by a newer schema."""
+        with self._write_transaction():
+            self.database.create_tables(list(self._models.values()), safe=True)
+            found = self._schema.select(peewee.fn.MAX(self._schema.version)).scalar()
+            if found is None:
+                self._schema.insert(version=SCHEMA_VERSION).execute()
+            elif found > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"the database has schema version {found}, newer than this server's {SCHEMA_VERSION}; upgrade orders"
+                )
+
+    # --- writes ------------------------------------------------------------------------------
+
+    def create_order(self, new: NewOrder, request_id: str | None) -> tuple[Order, StatusEvent | None]:
+        """Insert an order with its creation event; an idempotent retry returns the original order."""
+        with self._write_transaction():
+            now = now_us()
+            if request_id is not None:
+                existing = self._replay_idempotent(request_id, new.fingerprint(), now)
+                if existing is not None:
+                    return existing, None
+            order_id = domain.new_id()
+            key = self._orders.insert(
+                id=order_id,
+                status=Status.PENDING,
+                total_cents=new.total_cents,
+                currency_code=new.currency_code,
+                version=1,
+                create_time_us=now,
+                update_time_us=now,
+            ).execute()
+            items = tuple(Item(domain.new_id(), i.product_name, i.quantity, i.price_cents) for i in new.items)
+            self._items.insert_many(
+                [(key, position, i.id, i.product_name, i.quantity, i.price_cents) for position, i in enumerate(items)],
+                fields=[
+                    self._items.order,
+                    self._items.position,
+                    self._items.id,
+                    self._items.product_name,
+                    self._items.quantity,
+                    self._items.price_cents,
+                ],
+            ).execute()
+            event = self._append_event(order_id, None, Status.PENDING, now)
+            if request_id is not None:
+                self._keys.insert(key=request_id, fingerprint=new.fingerprint(), order_id=order_id, created_us=now).execute()
+            order = Order(order_id, items, new.total_cents, new.currency_code, Status.PENDING, 1, now, now)
+            return order, event
+
+    def _replay_idempotent(self, request_id: str, fingerprint: str, now: int) -> Order | None:
+        row = (
+            self._keys.select(self._keys.fingerprint, self._keys.order_id, self._keys.created_us)
+            .where(self._keys.key == request_id)
+            .tuples()
+            .first()
+        )
+        if row is None:
+            return None
+        stored_fingerprint, order_id, created = row
+        if now - created > domain.IDEMPOTENCY_WINDOW_US:
+            self._keys.delete().where(self._keys.key == request_id).execute()
+            return None
+        if stored_fingerprint != fingerprint:
+            raise AlreadyExists(
+                f"request_id {request_id!r} was already used for a different request (order {order_id}); "
+                "use a new request_id for a new order"
+            )
+        return self.get_order(order_id)
+
+    def change_status(self, order_id: str, target: Status, expected_version: int | None) -> tuple[Order, StatusEvent | None]:
+        """Apply a status change with its event in one transaction; the same status is a no-op."""
+        with self._write_transaction():
+            order = self.get_order(order_id)
+            if expected_version is not None and expected_version != order.version:
+                raise Aborted(
+                    f"order {order_id} is at version {order.version}, not the expected {expected_version}; "
+                    "read it again and retry"
+                )
+            if not domain.is_change(order.status, target):
+                return order, None
+            now = max(now_us(), order.update_time_us)
+            updated = (
+                self._orders.update(status=target, version=order.version + 1, update_time_us=now)
+                .where((self._orders.id == order_id) & (self._orders.version == order.version))
+                .execute()
+            )
+            if updated != 1:
+                raise Aborted(f"order {order_id} changed concurrently; read it again and retry")
+            event = self._append_event(order_id, order.status, target, now)
+            changed = Order(
+                order.id, order.items, order.total_cents, order.currency_code, target, order.version + 1,
+                order.create_time_us, now,
+            )
+            return changed, event
+
+    def _append_event(self, order_id: str, previous: Status | None, status: Status, now: int) -> StatusEvent:
+        sequence = self._events.insert(order_id=order_id, previous=previous, status=status, time_us=now).execute()
+        return StatusEvent(sequence, order_id, previous, status, now)
+
+    # --- reads -------------------------------------------------------------------------------
+
+    def get_order(self, order_id: str) -> Order:
+        """The order with this id, or NotFound."""
+        orders = self._load(self._order_columns().where(self._orders.id == order_id))
+        if not orders:
+            raise NotFound(f"no order with id {order_id}")
+        return orders[0][1]
+
+    def list_orders(self, query: ListQuery) -> tuple[list[Order], int | None]:
+        """One page of orders oldest first, and the key to continue after (None on the last page)."""
+        select = self._order_columns().where(self._orders.key > query.after_key)
+        if query.statuses:
+            select = select.where(self._orders.status.in_([int(s) for s in query.statuses]))
+        rows = self._load(select.order_by(self._orders.key).limit(query.page_size + 1))
+        more = len(rows) > query.page_size
+        rows = rows[: query.page_size]
+        return [order for _, order in rows], (rows[-1][0] if more else None)
+
+    def _order_columns(self) -> peewee.ModelSelect:
+        o = self._orders
+        return o.select(
+            o.key, o.id, o.status, o.total_cents, o.currency_code, o.version, o.create_time_us, o.update_time_us
+        )
+
+    def _load(self, select: peewee.ModelSelect) -> list[tuple[int, Order]]:
+        rows = list(select.tuples())
+        if not rows:
+            return []
+        items: dict[int, list[Item]] = {row[0]: [] for row in rows}
+        i = self._items
+        item_rows = (
+            i.select(i.order, i.id, i.product_name, i.quantity, i.price_cents)
+            .where(i.order.in_(list(items)))
+            .order_by(i.order, i.position)
+            .tuples()
+        )
+        for order_key, *item in item_rows:
+            items[order_key].append(Item(*item))
+        return [
+            (key, Order(oid, tuple(items[key]), total, currency, Status(status), version, created, updated))
+            for key, oid, status, total, currency, version, created, updated in rows
+        ]
+
+    def events_after(self, sequence: int, order_ids: Iterable[str] = (), limit: int = 500) -> list[StatusEvent]:
+        """Events with a sequence above ``sequence``, oldest first, optionally for some orders only."""
+        e = self._events
+        select = e.select(e.sequence, e.order_id, e.previous, e.status, e.time_us).where(e.sequence > sequence)
+        ids = list(order_ids)
+        if ids:
+            select = select.where(e.order_id.in_(ids))
+        return [
+            StatusEvent(seq, oid, None if previous is None else Status(previous), Status(status), at)
+            for seq, oid, previous, status, at in select.order_by(e.sequence).limit(limit).tuples()
+        ]
+
+    def log_bounds(self) -> tuple[int, int]:
+        """(first retained sequence, head sequence) of the event log; (1, 0) when it is empty."""
+        first, head = self._events.select(peewee.fn.MIN(self._events.sequence), peewee.fn.MAX(self._events.sequence)).tuples().get()
+        return (first or 1, head or 0)
+
+
+def _bind(model: type[_Model], database: peewee.Database) -> type[_Model]:
+    """A subclass of ``model`` bound to ``database``, so several databases can live in one process."""
+    meta = type("Meta", (), {"database": database, "table_name": model._meta.table_name})
+    return type(model.__name__, (model,), {"Meta": meta, "__module__": __name__})
+
+
+def _translate_database_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """Report a database that cannot be reached or is locked as Unavailable (clients may retry)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except (peewee.OperationalError, peewee.InterfaceError) as exc:
+            raise Unavailable(f"the database is unavailable: {exc}; retry later") from exc
+
+    return wrapper
+
+
+class Storage:
+    """Runs repository calls off the event loop: one writer thread, one reader thread."""
+
+    def __init__(self, url: str = DEFAULT_DB_URL) -> None:
+        self.url = url
+        self.repository = Repository(open_database(url))
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="orders-db-writer")
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="orders-db-reader")
+
+    async def write(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run ``fn`` on the writer thread."""
+        return await self._run(self._writer, fn, *args, **kwargs)
+
+    async def read(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run ``fn`` on the reader thread."""
+        return await self._run(self._reader, fn, *args, **kwargs)
+
+    async def _run(self, executor: ThreadPoolExecutor, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        call = functools.partial(_translate_database_errors(fn), *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(executor, call)
+
+    async def open(self) -> None:
+        """Create or check the schema."""
+        await self.write(self.repository.migrate)
+
+    async def close(self) -> None:
+        """Close each thread's connection and stop the threads."""
+        for executor in (self._writer, self._reader):
+            await self._run(executor, self.repository.database.close)
+            executor.shutdown(wait=True)
