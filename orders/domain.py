@@ -141,7 +141,10 @@ def to_cents(amount: float, what: str) -> int:
         raise InvalidArgument(f"{what} must not be negative, got {amount!r}")
     scaled = amount * CENTS_PER_UNIT
     cents = round(scaled)
-    if abs(scaled - cents) > 1e-9 * max(1.0, abs(scaled)):
+    # Float noise (1e-9 relative, as agreed), but never so loose that a real fraction of a cent
+    # (say 0.3 cents on a large amount) is rounded away; two ULPs cover the rounding of `* 100`.
+    tolerance = max(min(1e-9 * max(1.0, abs(scaled)), 0.05), 2 * math.ulp(scaled))
+    if abs(scaled - cents) > tolerance:
         raise InvalidArgument(f"{what} must be a whole number of cents, got {amount!r}")
     return int(cents)
 
@@ -200,12 +203,11 @@ def validate_new_order(
         raise InvalidArgument(
             f"the order total {to_units(computed):,.2f} exceeds the maximum of {MAX_TOTAL_UNITS:,}"
         )
-    if total_amount != 0:
-        if to_cents(total_amount, "total_amount") != computed:
-            raise InvalidArgument(
-                f"total_amount {total_amount!r} does not match the sum of the items, {to_units(computed):.2f}; "
-                "send 0 to let the server compute it"
-            )
+    if total_amount != 0 and to_cents(total_amount, "total_amount") != computed:
+        raise InvalidArgument(
+            f"total_amount {total_amount!r} does not match the sum of the items, {to_units(computed):.2f}; "
+            "send 0 to let the server compute it"
+        )
     return NewOrder(new_items, computed, validate_currency(currency_code))
 
 
@@ -274,9 +276,9 @@ def parse_list_query(page_size: int, page_token: str, statuses: Iterable[int]) -
             padded = page_token + "=" * (-len(page_token) % 4)
             data = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
             after_key, tag = data["k"], data["f"]
-            if type(after_key) is not int or after_key < 0 or not isinstance(tag, list):
+            if type(after_key) is not int or not 0 <= after_key < 2**63 or not isinstance(tag, list):
                 raise ValueError
-        except (ValueError, KeyError, TypeError, UnicodeError, binascii.Error):
+        except (ValueError, KeyError, TypeError, UnicodeError, binascii.Error, RecursionError):
             raise InvalidArgument("page_token is malformed; pass the next_page_token of a previous page") from None
         if tag != _filter_tag(wanted):
             raise InvalidArgument("page_token belongs to a query with other statuses; keep the filter while paging")

@@ -212,7 +212,7 @@ class Repository:
                 )
             if not domain.is_change(order.status, target):
                 return order, None
-            now = max(now_us(), order.update_time_us)
+            now = max(now_us(), order.update_time_us + 1)  # update_time strictly increases
             updated = (
                 self._orders.update(status=target, version=order.version + 1, update_time_us=now)
                 .where((self._orders.id == order_id) & (self._orders.version == order.version))
@@ -299,17 +299,12 @@ def _bind(model: type[_Model], database: peewee.Database) -> type[_Model]:
     return type(model.__name__, (model,), {"Meta": meta, "__module__": __name__})
 
 
-def _translate_database_errors(fn: Callable[P, R]) -> Callable[P, R]:
-    """Report a database that cannot be reached or is locked as Unavailable (clients may retry)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return fn(*args, **kwargs)
-        except (peewee.OperationalError, peewee.InterfaceError) as exc:
-            raise Unavailable(f"the database is unavailable: {exc}; retry later") from exc
-
-    return wrapper
+def _call_translating_errors(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+    """Call ``fn``, reporting a database that cannot be reached or is locked as Unavailable."""
+    try:
+        return fn(*args, **kwargs)
+    except (peewee.OperationalError, peewee.InterfaceError) as exc:
+        raise Unavailable(f"the database is unavailable ({exc}); retry later") from exc
 
 
 class Storage:
@@ -330,7 +325,7 @@ class Storage:
         return await self._run(self._reader, fn, *args, **kwargs)
 
     async def _run(self, executor: ThreadPoolExecutor, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-        call = functools.partial(_translate_database_errors(fn), *args, **kwargs)
+        call = functools.partial(_call_translating_errors, fn, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(executor, call)
 
     async def open(self) -> None:
