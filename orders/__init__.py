@@ -1,6 +1,6 @@
 """orders: an async gRPC order service and its Python client library.
 
-    from orders import OrderClient, Item, OrderStatus
+from orders import OrderClient, Item, OrderStatus
 """
 
 from orders._proto.orders.v1 import Order, OrderItem, OrderStatus, StatusUpdate

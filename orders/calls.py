@@ -9,11 +9,16 @@ the log only, never onto the wire.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
 from typing import Any
 
+import betterproto2
+from google.protobuf import message_factory
+from google.protobuf.message import Message
+from google.protobuf.unknown_fields import UnknownFieldSet
 from grpclib.const import Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.events import RecvRequest, listen
@@ -29,15 +34,42 @@ log = logging.getLogger(__name__)
 
 
 class StrictProtoCodec(ProtoCodec):
-    """grpclib's protobuf codec, answering undecodable messages with INVALID_ARGUMENT."""
+    """grpclib's protobuf codec, answering undecodable messages with INVALID_ARGUMENT.
+
+    betterproto2's parser is lenient: it stops silently at a truncated tag, reads a length past the
+    end of the data, accepts field number 0, and decodes a field sent with the wrong wire type into a
+    value of the wrong Python type (which would crash the handler). So each request is first parsed
+    by the protobuf runtime (upb, in C) for the same descriptor, which rejects malformed data and
+    files a mistyped known field under unknown fields, where we find it.
+    """
 
     def decode(self, data: bytes, message_type: Any) -> Any:
         try:
+            if isinstance(message_type, type) and issubclass(message_type, betterproto2.Message):
+                _reject_mistyped_fields(_protobuf_class(message_type).FromString(data))
             return super().decode(data, message_type)
         except Exception as exc:
             raise GRPCError(
                 Status.INVALID_ARGUMENT, f"the request is not a valid {message_type.__name__} message: {exc}"
             ) from exc
+
+
+@functools.cache
+def _protobuf_class(message_type: type[betterproto2.Message]) -> Any:
+    """The protobuf runtime's message class for a generated betterproto2 message (same descriptor)."""
+    return message_factory.GetMessageClass(message_type.DESCRIPTOR)
+
+
+def _reject_mistyped_fields(message: Message) -> None:
+    """Raise ValueError if a declared field arrived with the wrong wire type (protobuf kept it as unknown)."""
+    declared = message.DESCRIPTOR.fields_by_number
+    for unknown in UnknownFieldSet(message):
+        if unknown.field_number in declared:
+            raise ValueError(f"field {declared[unknown.field_number].name} has the wrong wire type")
+    for field, value in message.ListFields():
+        if field.message_type is not None:
+            for child in value if field.is_repeated else (value,):
+                _reject_mistyped_fields(child)
 
 
 class CallMiddleware:

@@ -128,8 +128,12 @@ class OrderClient:
         ``request_id`` is the idempotency key: the same key and request return the original order.
         """
         request = CreateOrderRequest(
-            items=[OrderItem(product_name=i[0], quantity=i[1], price=i[2]) if isinstance(i, tuple) else
-                   OrderItem(product_name=i.product_name, quantity=i.quantity, price=i.price) for i in items],
+            items=[
+                OrderItem(product_name=i[0], quantity=i[1], price=i[2])
+                if isinstance(i, tuple)
+                else OrderItem(product_name=i.product_name, quantity=i.quantity, price=i.price)
+                for i in items
+            ],
             total_amount=total_amount,
             currency_code=currency_code,
             request_id=request_id or str(uuid.uuid4()),
@@ -221,7 +225,9 @@ class OrderClient:
         cursor = after_sequence
         failures = 0
         while True:
-            request = OrderStatusStreamRequest(order_ids=ids, after_sequence=cursor, heartbeat_seconds=heartbeat_seconds)
+            request = OrderStatusStreamRequest(
+                order_ids=ids, after_sequence=cursor, heartbeat_seconds=heartbeat_seconds
+            )
             try:
                 async for update in self._stub.order_status_stream(request):
                     failures = 0

@@ -62,8 +62,7 @@ def is_change(current: Status, target: Status) -> bool:
     if target not in ALLOWED_TRANSITIONS[current]:
         allowed = ", ".join(s.name for s in sorted(ALLOWED_TRANSITIONS[current])) or "none (terminal)"
         raise FailedPrecondition(
-            f"cannot change an order from {current.name} to {target.name}; "
-            f"allowed from {current.name}: {allowed}"
+            f"cannot change an order from {current.name} to {target.name}; allowed from {current.name}: {allowed}"
         )
     return True
 
@@ -189,9 +188,7 @@ def validate_currency(code: str) -> str:
     return code
 
 
-def validate_new_order(
-    items: Sequence[tuple[str, int, float]], total_amount: float, currency_code: str
-) -> NewOrder:
+def validate_new_order(items: Sequence[tuple[str, int, float]], total_amount: float, currency_code: str) -> NewOrder:
     """Validate a create request given as (product_name, quantity, price) triples."""
     if not items:
         raise InvalidArgument("an order needs at least one item")
@@ -200,9 +197,7 @@ def validate_new_order(
     new_items = tuple(validate_item(name, qty, price, i) for i, (name, qty, price) in enumerate(items))
     computed = sum(item.quantity * item.price_cents for item in new_items)
     if computed > MAX_TOTAL_UNITS * CENTS_PER_UNIT:
-        raise InvalidArgument(
-            f"the order total {to_units(computed):,.2f} exceeds the maximum of {MAX_TOTAL_UNITS:,}"
-        )
+        raise InvalidArgument(f"the order total {to_units(computed):,.2f} exceeds the maximum of {MAX_TOTAL_UNITS:,}")
     if total_amount != 0 and to_cents(total_amount, "total_amount") != computed:
         raise InvalidArgument(
             f"total_amount {total_amount!r} does not match the sum of the items, {to_units(computed):.2f}; "

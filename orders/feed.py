@@ -150,7 +150,9 @@ class Feed(Generic[T]):
         self._register(watcher)
         try:
             if query.after_sequence is None:
-                cursor, catching_up = self.head, False
+                # Live only: skip everything already committed, even what the tailer has not published yet.
+                _, head = await self._read_bounds()
+                cursor, catching_up = max(self.head, head), False
             else:
                 first, head = await self._read_bounds()
                 if not first - 1 <= query.after_sequence <= head:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from grpclib.health.service import Health
 from grpclib.health.v1 import health_pb2
 from grpclib.reflection.service import ServerReflection
+from grpclib.reflection.v1 import reflection_pb2 as reflection_v1_pb2
+from grpclib.reflection.v1alpha import reflection_pb2 as reflection_v1alpha_pb2
 from grpclib.server import Server
 
 from orders._proto.google_proto_descriptor_pool import default_google_proto_descriptor_pool
@@ -26,9 +28,11 @@ from orders.storage import DEFAULT_DB_URL, Storage
 
 log = logging.getLogger(__name__)
 
-# Reflection serves our own descriptors plus grpc.health.v1, so grpcurl needs no proto files.
+# Reflection serves our own descriptors plus grpc.health.v1 and itself, so grpcurl needs no proto files.
 _DESCRIPTORS = default_google_proto_descriptor_pool
-_DESCRIPTORS.AddSerializedFile(health_pb2.DESCRIPTOR.serialized_pb)
+for _module in (health_pb2, reflection_v1_pb2, reflection_v1alpha_pb2):
+    _DESCRIPTORS.AddSerializedFile(_module.DESCRIPTOR.serialized_pb)
+_REFLECTION_SERVICES = ("grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection")
 
 
 @dataclass(frozen=True)
@@ -49,16 +53,41 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     def env(name: str, default: object) -> str:
         return os.environ.get(f"ORDERS_{name.upper()}", str(default))
 
-    parser.add_argument("--host", default=env("host", defaults.host), help="address to bind (ORDERS_HOST; default %(default)s; 0.0.0.0 or :: to serve a network)")
-    parser.add_argument("--port", type=int, default=env("port", defaults.port), help="port, 0 picks a free one (ORDERS_PORT; default %(default)s)")
-    parser.add_argument("--db", default=env("db", defaults.db), help="database URL in playhouse.db_url form (ORDERS_DB; default %(default)s)")
-    parser.add_argument("--log-level", default=env("log_level", defaults.log_level), choices=["debug", "info", "warning", "error"], help="log level (ORDERS_LOG_LEVEL; default %(default)s)")
-    parser.add_argument("--grace", type=float, default=env("grace", defaults.grace), help="seconds to let in-flight calls finish on shutdown (ORDERS_GRACE; default %(default)s)")
+    parser.add_argument(
+        "--host",
+        default=env("host", defaults.host),
+        help="address to bind (ORDERS_HOST; default %(default)s; 0.0.0.0 or :: to serve a network)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=env("port", defaults.port),
+        help="port, 0 picks a free one (ORDERS_PORT; default %(default)s)",
+    )
+    parser.add_argument(
+        "--db",
+        default=env("db", defaults.db),
+        help="database URL in playhouse.db_url form (ORDERS_DB; default %(default)s)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default=env("log_level", defaults.log_level),
+        choices=["debug", "info", "warning", "error"],
+        help="log level (ORDERS_LOG_LEVEL; default %(default)s)",
+    )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=env("grace", defaults.grace),
+        help="seconds to let in-flight calls finish on shutdown (ORDERS_GRACE; default %(default)s)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """The ServerConfig described by parsed server flags."""
-    return ServerConfig(host=args.host, port=int(args.port), db=args.db, log_level=args.log_level, grace=float(args.grace))
+    return ServerConfig(
+        host=args.host, port=int(args.port), db=args.db, log_level=args.log_level, grace=float(args.grace)
+    )
 
 
 class OrderServer:
@@ -69,10 +98,13 @@ class OrderServer:
         self.storage = Storage(config.db)
         self.feed = new_feed(self.storage)
         self.service = OrderService(self.storage, self.feed)
-        self.health = Health()
+        self.health = Health({self.service: []})  # SERVING for "" and for orders.v1.OrderService
         services = [self.service, self.health]
+        handlers = ServerReflection.extend(services, pool=_DESCRIPTORS)
+        for reflection in handlers[len(services) :]:  # list the reflection services too, as grpcio servers do
+            reflection._service_names = [*reflection._service_names, *_REFLECTION_SERVICES]
         self._calls = CallMiddleware()
-        self._server = Server(ServerReflection.extend(services, pool=_DESCRIPTORS) + services, codec=StrictProtoCodec())
+        self._server = Server(handlers, codec=StrictProtoCodec())
         self._calls.install(self._server)
         self.port = 0
 
@@ -118,9 +150,7 @@ async def serve(config: ServerConfig) -> None:
 
 def configure_logging(level: str) -> None:
     """Log to stderr at ``level``."""
-    logging.basicConfig(
-        level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -140,7 +140,7 @@ class Repository:
                 self._schema.insert(version=SCHEMA_VERSION).execute()
             elif found > SCHEMA_VERSION:
                 raise RuntimeError(
-                    f"the database has schema version {found}, newer than this server's {SCHEMA_VERSION}; upgrade orders"
+                    f"database schema version {found} is newer than this server's {SCHEMA_VERSION}; upgrade orders"
                 )
 
     # --- writes ------------------------------------------------------------------------------
@@ -177,7 +177,9 @@ class Repository:
             ).execute()
             event = self._append_event(order_id, None, Status.PENDING, now)
             if request_id is not None:
-                self._keys.insert(key=request_id, fingerprint=new.fingerprint(), order_id=order_id, created_us=now).execute()
+                self._keys.insert(
+                    key=request_id, fingerprint=new.fingerprint(), order_id=order_id, created_us=now
+                ).execute()
             order = Order(order_id, items, new.total_cents, new.currency_code, Status.PENDING, 1, now, now)
             return order, event
 
@@ -201,7 +203,9 @@ class Repository:
             )
         return self.get_order(order_id)
 
-    def change_status(self, order_id: str, target: Status, expected_version: int | None) -> tuple[Order, StatusEvent | None]:
+    def change_status(
+        self, order_id: str, target: Status, expected_version: int | None
+    ) -> tuple[Order, StatusEvent | None]:
         """Apply a status change with its event in one transaction; the same status is a no-op."""
         with self._write_transaction():
             order = self.get_order(order_id)
@@ -222,8 +226,14 @@ class Repository:
                 raise Aborted(f"order {order_id} changed concurrently; read it again and retry")
             event = self._append_event(order_id, order.status, target, now)
             changed = Order(
-                order.id, order.items, order.total_cents, order.currency_code, target, order.version + 1,
-                order.create_time_us, now,
+                order.id,
+                order.items,
+                order.total_cents,
+                order.currency_code,
+                target,
+                order.version + 1,
+                order.create_time_us,
+                now,
             )
             return changed, event
 
@@ -289,7 +299,11 @@ class Repository:
 
     def log_bounds(self) -> tuple[int, int]:
         """(first retained sequence, head sequence) of the event log; (1, 0) when it is empty."""
-        first, head = self._events.select(peewee.fn.MIN(self._events.sequence), peewee.fn.MAX(self._events.sequence)).tuples().get()
+        first, head = (
+            self._events.select(peewee.fn.MIN(self._events.sequence), peewee.fn.MAX(self._events.sequence))
+            .tuples()
+            .get()
+        )
         return (first or 1, head or 0)
 
 

@@ -42,9 +42,11 @@ async def running_server(db: str | None = None, **config: object) -> AsyncIterat
 @contextlib.asynccontextmanager
 async def serve(db: str | None = None, **client_options: object) -> AsyncIterator[OrderClient]:
     """Run a real server on a temporary database and yield a client connected to it."""
-    async with running_server(db) as server:
-        async with OrderClient(f"127.0.0.1:{server.port}", **client_options) as client:  # type: ignore[arg-type]
-            yield client
+    async with (
+        running_server(db) as server,
+        OrderClient(f"127.0.0.1:{server.port}", **client_options) as client,  # type: ignore[arg-type]
+    ):
+        yield client
 
 
 # --- hypothesis strategies -----------------------------------------------------------------------
@@ -112,9 +114,10 @@ def invalid_create_requests() -> st.SearchStrategy[CreateOrderRequest]:
         st.sampled_from([float("nan"), float("inf"), float("-inf"), -0.01, 0.001, 1.005, 10.0**12 + 1]),
         st.floats(max_value=-0.01, allow_nan=False),
     )
-    bad_currency = st.one_of(st.sampled_from(["usd", "US", "USDX", "12A", "€€€"]), st.text(min_size=1).filter(
-        lambda c: not (len(c) == 3 and c.isascii() and c.isupper() and c.isalpha())
-    ))
+    bad_currency = st.one_of(
+        st.sampled_from(["usd", "US", "USDX", "12A", "€€€"]),
+        st.text(min_size=1).filter(lambda c: not (len(c) == 3 and c.isascii() and c.isupper() and c.isalpha())),
+    )
     base = create_requests()
     return st.one_of(
         st.just(CreateOrderRequest()),
@@ -280,7 +283,9 @@ class OrderStateMachine(RuleBasedStateMachine):
     def watch_replay(self, data: st.DataObject) -> None:
         """A second stream: replay after a random point, optionally filtered, must match the model."""
         after = data.draw(st.integers(0, len(self.expected_events)), label="after_sequence")
-        ids = data.draw(st.lists(st.sampled_from(self.created), unique=True, max_size=3) if self.created else st.just([]))
+        ids = data.draw(
+            st.lists(st.sampled_from(self.created), unique=True, max_size=3) if self.created else st.just([])
+        )
         expected = [e for e in self.expected_events[after:] if not ids or e[0] in ids]
 
         async def replay() -> list[StatusUpdate]:

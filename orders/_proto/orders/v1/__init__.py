@@ -132,9 +132,7 @@ class CancelOrderRequest(betterproto2.Message):
     """
 
 
-default_message_pool.register_message(
-    "orders.v1", "CancelOrderRequest", CancelOrderRequest
-)
+default_message_pool.register_message("orders.v1", "CancelOrderRequest", CancelOrderRequest)
 
 
 @dataclass(eq=False, repr=False)
@@ -148,17 +146,13 @@ class CancelOrderResponse(betterproto2.Message):
     def DESCRIPTOR() -> Descriptor:
         return ORDER_PROTO_DESCRIPTOR.message_types_by_name["CancelOrderResponse"]
 
-    order: "Order | None" = betterproto2.field(
-        1, betterproto2.TYPE_MESSAGE, optional=True
-    )
+    order: "Order | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
     """
     The order.
     """
 
 
-default_message_pool.register_message(
-    "orders.v1", "CancelOrderResponse", CancelOrderResponse
-)
+default_message_pool.register_message("orders.v1", "CancelOrderResponse", CancelOrderResponse)
 
 
 @dataclass(eq=False, repr=False)
@@ -172,9 +166,7 @@ class CreateOrderRequest(betterproto2.Message):
     def DESCRIPTOR() -> Descriptor:
         return ORDER_PROTO_DESCRIPTOR.message_types_by_name["CreateOrderRequest"]
 
-    items: "list[OrderItem]" = betterproto2.field(
-        1, betterproto2.TYPE_MESSAGE, repeated=True
-    )
+    items: "list[OrderItem]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
     """
     1 to 1,000 items. Item ids are ignored.
     """
@@ -196,9 +188,7 @@ class CreateOrderRequest(betterproto2.Message):
     """
 
 
-default_message_pool.register_message(
-    "orders.v1", "CreateOrderRequest", CreateOrderRequest
-)
+default_message_pool.register_message("orders.v1", "CreateOrderRequest", CreateOrderRequest)
 
 
 @dataclass(eq=False, repr=False)
@@ -212,17 +202,13 @@ class CreateOrderResponse(betterproto2.Message):
     def DESCRIPTOR() -> Descriptor:
         return ORDER_PROTO_DESCRIPTOR.message_types_by_name["CreateOrderResponse"]
 
-    order: "Order | None" = betterproto2.field(
-        1, betterproto2.TYPE_MESSAGE, optional=True
-    )
+    order: "Order | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
     """
     The new (or, on an idempotent retry, the original) order.
     """
 
 
-default_message_pool.register_message(
-    "orders.v1", "CreateOrderResponse", CreateOrderResponse
-)
+default_message_pool.register_message("orders.v1", "CreateOrderResponse", CreateOrderResponse)
 
 
 @dataclass(eq=False, repr=False)
@@ -256,9 +242,7 @@ class GetOrderResponse(betterproto2.Message):
     def DESCRIPTOR() -> Descriptor:
         return ORDER_PROTO_DESCRIPTOR.message_types_by_name["GetOrderResponse"]
 
-    order: "Order | None" = betterproto2.field(
-        1, betterproto2.TYPE_MESSAGE, optional=True
-    )
+    order: "Order | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
     """
     The order.
     """
@@ -288,17 +272,13 @@ class ListOrdersRequest(betterproto2.Message):
     The next_page_token of the previous page; empty = first page. Only valid with the same filter.
     """
 
-    statuses: "list[OrderStatus]" = betterproto2.field(
-        3, betterproto2.TYPE_ENUM, repeated=True
-    )
+    statuses: "list[OrderStatus]" = betterproto2.field(3, betterproto2.TYPE_ENUM, repeated=True)
     """
     Only orders in one of these statuses; empty = all.
     """
 
 
-default_message_pool.register_message(
-    "orders.v1", "ListOrdersRequest", ListOrdersRequest
-)
+default_message_pool.register_message("orders.v1", "ListOrdersRequest", ListOrdersRequest)
 
 
 @dataclass(eq=False, repr=False)
@@ -312,9 +292,7 @@ class ListOrdersResponse(betterproto2.Message):
     def DESCRIPTOR() -> Descriptor:
         return ORDER_PROTO_DESCRIPTOR.message_types_by_name["ListOrdersResponse"]
 
-    orders: "list[Order]" = betterproto2.field(
-        1, betterproto2.TYPE_MESSAGE, repeated=True
-    )
+    orders: "list[Order]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
     """
     Up to page_size orders, oldest first.
     """
@@ -325,9 +303,7 @@ class ListOrdersResponse(betterproto2.Message):
     """
 
 
-default_message_pool.register_message(
-    "orders.v1", "ListOrdersResponse", ListOrdersResponse
-)
+default_message_pool.register_message("orders.v1", "ListOrdersResponse", ListOrdersResponse)
 
 
 @dataclass(eq=False, repr=False)
@@ -346,9 +322,7 @@ class Order(betterproto2.Message):
     Output only: server-assigned UUID.
     """
 
-    items: "list[OrderItem]" = betterproto2.field(
-        2, betterproto2.TYPE_MESSAGE, repeated=True
-    )
+    items: "list[OrderItem]" = betterproto2.field(2, betterproto2.TYPE_MESSAGE, repeated=True)
     """
     Items in the order they were given on create, each with its server-assigned id.
     """
@@ -358,28 +332,20 @@ class Order(betterproto2.Message):
     Sum of quantity x price over the items, exact to the cent.
     """
 
-    status: "OrderStatus" = betterproto2.field(
-        4, betterproto2.TYPE_ENUM, default_factory=lambda: OrderStatus(0)
-    )
+    status: "OrderStatus" = betterproto2.field(4, betterproto2.TYPE_ENUM, default_factory=lambda: OrderStatus(0))
     """
     Current status.
     """
 
     create_time: "datetime.datetime | None" = betterproto2.field(
-        5,
-        betterproto2.TYPE_MESSAGE,
-        unwrap=lambda: __google__protobuf__.Timestamp,
-        optional=True,
+        5, betterproto2.TYPE_MESSAGE, unwrap=lambda: __google__protobuf__.Timestamp, optional=True
     )
     """
     When the order was created.
     """
 
     update_time: "datetime.datetime | None" = betterproto2.field(
-        6,
-        betterproto2.TYPE_MESSAGE,
-        unwrap=lambda: __google__protobuf__.Timestamp,
-        optional=True,
+        6, betterproto2.TYPE_MESSAGE, unwrap=lambda: __google__protobuf__.Timestamp, optional=True
     )
     """
     When the order last changed; equals create_time until the first status change.
@@ -445,16 +411,12 @@ class OrderStatusStreamRequest(betterproto2.Message):
     def DESCRIPTOR() -> Descriptor:
         return ORDER_PROTO_DESCRIPTOR.message_types_by_name["OrderStatusStreamRequest"]
 
-    order_ids: "list[str]" = betterproto2.field(
-        1, betterproto2.TYPE_STRING, repeated=True
-    )
+    order_ids: "list[str]" = betterproto2.field(1, betterproto2.TYPE_STRING, repeated=True)
     """
     Only these orders (UUIDs; unknown ids are allowed); empty = all orders.
     """
 
-    after_sequence: "int | None" = betterproto2.field(
-        2, betterproto2.TYPE_INT64, optional=True
-    )
+    after_sequence: "int | None" = betterproto2.field(2, betterproto2.TYPE_INT64, optional=True)
     """
     Unset = live updates only. N >= 0 = first every retained update with sequence > N
     (0 = from the start of the log), then live, with no gap and no duplicate.
@@ -467,9 +429,7 @@ class OrderStatusStreamRequest(betterproto2.Message):
     """
 
 
-default_message_pool.register_message(
-    "orders.v1", "OrderStatusStreamRequest", OrderStatusStreamRequest
-)
+default_message_pool.register_message("orders.v1", "OrderStatusStreamRequest", OrderStatusStreamRequest)
 
 
 @dataclass(eq=False, repr=False)
@@ -488,18 +448,13 @@ class StatusUpdate(betterproto2.Message):
     The order that changed; empty on a heartbeat.
     """
 
-    status: "OrderStatus" = betterproto2.field(
-        2, betterproto2.TYPE_ENUM, default_factory=lambda: OrderStatus(0)
-    )
+    status: "OrderStatus" = betterproto2.field(2, betterproto2.TYPE_ENUM, default_factory=lambda: OrderStatus(0))
     """
     The status it changed to.
     """
 
     timestamp: "datetime.datetime | None" = betterproto2.field(
-        3,
-        betterproto2.TYPE_MESSAGE,
-        unwrap=lambda: __google__protobuf__.Timestamp,
-        optional=True,
+        3, betterproto2.TYPE_MESSAGE, unwrap=lambda: __google__protobuf__.Timestamp, optional=True
     )
     """
     When the change was committed.
@@ -537,9 +492,7 @@ class UpdateOrderStatusRequest(betterproto2.Message):
     The order id (UUID).
     """
 
-    status: "OrderStatus" = betterproto2.field(
-        2, betterproto2.TYPE_ENUM, default_factory=lambda: OrderStatus(0)
-    )
+    status: "OrderStatus" = betterproto2.field(2, betterproto2.TYPE_ENUM, default_factory=lambda: OrderStatus(0))
     """
     The target status; UNSPECIFIED is rejected.
     """
@@ -550,9 +503,7 @@ class UpdateOrderStatusRequest(betterproto2.Message):
     """
 
 
-default_message_pool.register_message(
-    "orders.v1", "UpdateOrderStatusRequest", UpdateOrderStatusRequest
-)
+default_message_pool.register_message("orders.v1", "UpdateOrderStatusRequest", UpdateOrderStatusRequest)
 
 
 @dataclass(eq=False, repr=False)
@@ -566,17 +517,13 @@ class UpdateOrderStatusResponse(betterproto2.Message):
     def DESCRIPTOR() -> Descriptor:
         return ORDER_PROTO_DESCRIPTOR.message_types_by_name["UpdateOrderStatusResponse"]
 
-    order: "Order | None" = betterproto2.field(
-        1, betterproto2.TYPE_MESSAGE, optional=True
-    )
+    order: "Order | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
     """
     The order.
     """
 
 
-default_message_pool.register_message(
-    "orders.v1", "UpdateOrderStatusResponse", UpdateOrderStatusResponse
-)
+default_message_pool.register_message("orders.v1", "UpdateOrderStatusResponse", UpdateOrderStatusResponse)
 
 
 class OrderServiceStub(betterproto2_grpclib.ServiceStub):
@@ -724,9 +671,7 @@ class OrderServiceBase(betterproto2_grpclib.ServiceBase):
     The order service.
     """
 
-    async def create_order(
-        self, message: "CreateOrderRequest"
-    ) -> "CreateOrderResponse":
+    async def create_order(self, message: "CreateOrderRequest") -> "CreateOrderResponse":
         """
         Create an order (status PENDING, version 1).
         """
@@ -740,18 +685,14 @@ class OrderServiceBase(betterproto2_grpclib.ServiceBase):
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
-    async def update_order_status(
-        self, message: "UpdateOrderStatusRequest"
-    ) -> "UpdateOrderStatusResponse":
+    async def update_order_status(self, message: "UpdateOrderStatusRequest") -> "UpdateOrderStatusResponse":
         """
         Change an order's status along the state machine.
         """
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
-    async def cancel_order(
-        self, message: "CancelOrderRequest"
-    ) -> "CancelOrderResponse":
+    async def cancel_order(self, message: "CancelOrderRequest") -> "CancelOrderResponse":
         """
         Cancel an order (UpdateOrderStatus to CANCELLED).
         """
@@ -765,9 +706,7 @@ class OrderServiceBase(betterproto2_grpclib.ServiceBase):
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
-    async def order_status_stream(
-        self, message: "OrderStatusStreamRequest"
-    ) -> "AsyncIterator[StatusUpdate]":
+    async def order_status_stream(self, message: "OrderStatusStreamRequest") -> "AsyncIterator[StatusUpdate]":
         """
         Stream status changes: optional replay from the event log, then live.
         """
@@ -783,17 +722,14 @@ class OrderServiceBase(betterproto2_grpclib.ServiceBase):
         response = await self.create_order(request)
         await stream.send_message(response)
 
-    async def __rpc_get_order(
-        self, stream: "grpclib.server.Stream[GetOrderRequest, GetOrderResponse]"
-    ) -> None:
+    async def __rpc_get_order(self, stream: "grpclib.server.Stream[GetOrderRequest, GetOrderResponse]") -> None:
         request = await stream.recv_message()
         assert request is not None
         response = await self.get_order(request)
         await stream.send_message(response)
 
     async def __rpc_update_order_status(
-        self,
-        stream: "grpclib.server.Stream[UpdateOrderStatusRequest, UpdateOrderStatusResponse]",
+        self, stream: "grpclib.server.Stream[UpdateOrderStatusRequest, UpdateOrderStatusResponse]"
     ) -> None:
         request = await stream.recv_message()
         assert request is not None
@@ -808,9 +744,7 @@ class OrderServiceBase(betterproto2_grpclib.ServiceBase):
         response = await self.cancel_order(request)
         await stream.send_message(response)
 
-    async def __rpc_list_orders(
-        self, stream: "grpclib.server.Stream[ListOrdersRequest, ListOrdersResponse]"
-    ) -> None:
+    async def __rpc_list_orders(self, stream: "grpclib.server.Stream[ListOrdersRequest, ListOrdersResponse]") -> None:
         request = await stream.recv_message()
         assert request is not None
         response = await self.list_orders(request)
