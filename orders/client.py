@@ -15,6 +15,7 @@ failure is raised as an :class:`orders.errors.OrderError` subclass carrying the 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -39,9 +40,11 @@ from orders._proto.orders.v1 import (
     StatusUpdate,
     UpdateOrderStatusRequest,
 )
-from orders.errors import OrderError, Unavailable, error_for
+from orders.errors import DeadlineExceeded, OrderError, Unavailable, error_for
 
 R = TypeVar("R")
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TARGET = "localhost:50051"
 
@@ -79,6 +82,8 @@ def parse_target(target: str) -> tuple[str, int]:
 def _as_error(exc: BaseException) -> OrderError:
     if isinstance(exc, GRPCError):
         return error_for(exc.status.name, exc.message or exc.status.name)
+    if isinstance(exc, asyncio.TimeoutError):  # grpclib's client-side deadline (an OSError on 3.11+)
+        return DeadlineExceeded(f"the call did not finish before its deadline: {exc}")
     return Unavailable(f"cannot reach the server: {exc}")
 
 
@@ -213,16 +218,21 @@ class OrderClient:
         after_sequence: int | None = None,
         heartbeat_seconds: int = 0,
         reconnect: bool = True,
+        give_up_after: float | None = 60.0,
     ) -> AsyncIterator[StatusUpdate]:
         """Status updates for ``order_ids`` (empty = all orders), oldest first, forever.
 
         ``after_sequence`` None means live only; N replays every retained update after N first.
         When the connection drops or the server goes away, the watch reconnects with backoff and
         resumes after the last sequence it saw (heartbeats count), so nothing is missed or repeated.
+        It raises :class:`Unavailable` once nothing has arrived for ``give_up_after`` seconds of
+        failed attempts (None: keep trying), or at the first failure when ``reconnect`` is False.
         Heartbeats are used for resuming and not yielded.
         """
         ids = list(order_ids)
         cursor = after_sequence
+        loop = asyncio.get_running_loop()
+        last_alive = loop.time()
         failures = 0
         while True:
             request = OrderStatusStreamRequest(
@@ -230,15 +240,17 @@ class OrderClient:
             )
             try:
                 async for update in self._stub.order_status_stream(request):
-                    failures = 0
+                    failures, last_alive = 0, loop.time()
                     cursor = update.sequence
                     if update.order_id:
                         yield update
             except _TRANSPORT_ERRORS as exc:
                 error = _as_error(exc)
-                if not (reconnect and isinstance(error, Unavailable)):
+                gave_up = give_up_after is not None and loop.time() - last_alive > give_up_after
+                if not (reconnect and isinstance(error, Unavailable)) or gave_up:
                     raise error from exc
                 failures += 1
+                log.info("watch on %s interrupted (%s); reconnecting after sequence %s", self.target, error, cursor)
                 await asyncio.sleep(self.retry.delay(min(failures, 10)))
             else:
                 if not reconnect:

@@ -264,7 +264,7 @@ def parse_list_query(page_size: int, page_token: str, statuses: Iterable[int]) -
     if page_size < 0:
         raise InvalidArgument(f"page_size must not be negative, got {page_size}")
     size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-    wanted = frozenset(parse_status(s, "statuses[]") for s in statuses)
+    wanted = frozenset(parse_status(s, f"statuses[{i}]") for i, s in enumerate(statuses))
     after_key = 0
     if page_token:
         try:
@@ -294,7 +294,7 @@ class WatchQuery:
 
 def parse_watch_query(order_ids: Iterable[str], after_sequence: int | None, heartbeat_seconds: int) -> WatchQuery:
     """Validate a stream request; the log bounds are checked later against the database."""
-    ids = frozenset(parse_order_id(value, "order_ids[]") for value in order_ids)
+    ids = frozenset(parse_order_id(value, f"order_ids[{i}]") for i, value in enumerate(order_ids))
     if after_sequence is not None and after_sequence < 0:
         raise InvalidArgument(f"after_sequence must be 0 or more (or unset for live only), got {after_sequence}")
     if heartbeat_seconds < 0:

@@ -1,0 +1,508 @@
+"""The ``orders`` command line: run the server, try every RPC, or call one.
+
+    orders serve --port 50051
+    orders demo
+    orders create --item "Laptop:1:1000.00" --item "Mouse:2:25.00"
+    orders get ID
+    orders list --status pending --limit 10
+    orders update ID confirmed --expected-version 1
+    orders cancel ID
+    orders watch [ID ...] --after-sequence 0
+
+Client commands talk to ``--target`` (default ``$ORDERS_TARGET``, else ``localhost:50051``) and print a
+readable rendering, or with ``--json`` one JSON object per line (the protobuf JSON mapping). Errors from
+the server print ``error: CODE: message`` on stderr and exit 1; usage errors exit 2; Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import sys
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager, suppress
+
+import betterproto2
+
+from orders import server as server_module
+from orders._proto.orders.v1 import Order, OrderStatus, StatusUpdate
+from orders.client import DEFAULT_TARGET, Item, OrderClient, parse_target
+from orders.errors import OrderError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+STATUS_PREFIX = "ORDER_STATUS_"
+STATUS_CHOICES = [s.name.lower() for s in OrderStatus if s is not OrderStatus.UNSPECIFIED]
+
+Handler = Callable[[OrderClient, argparse.Namespace, "Output"], Awaitable[None]]
+
+
+# --- argument types ---------------------------------------------------------------------------------
+
+
+def item_arg(text: str) -> Item:
+    """Parse ``NAME:QUANTITY:PRICE`` (the name may itself contain colons) into an :class:`Item`."""
+    parts = text.rsplit(":", 2)
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(
+            f"item must look like NAME:QUANTITY:PRICE (e.g. Laptop:1:1000.00), got {text!r}"
+        )
+    name, quantity, price = parts
+    try:
+        return Item(name, int(quantity), float(price))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"item {text!r} must be NAME:QUANTITY:PRICE with a whole-number QUANTITY and a numeric PRICE"
+            " (e.g. Laptop:1:1000.00)"
+        ) from None
+
+
+def status_arg(text: str) -> OrderStatus:
+    """Parse a status name, case-insensitive, with or without the ``ORDER_STATUS_`` prefix."""
+    name = text.strip().upper().removeprefix(STATUS_PREFIX)
+    if name.lower() not in STATUS_CHOICES:
+        raise argparse.ArgumentTypeError(f"unknown status {text!r}; choose from {', '.join(STATUS_CHOICES)}")
+    return OrderStatus[name]
+
+
+def target_arg(text: str) -> str:
+    """Check that a target looks like ``host:port``."""
+    try:
+        parse_target(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def non_negative_int(text: str) -> int:
+    """An integer ≥ 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A number > 0."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
+# --- output -------------------------------------------------------------------------------------------
+
+
+def short_id(order_id: str) -> str:
+    """The first block of a UUID, enough to tell orders apart on screen."""
+    return order_id.split("-", 1)[0]
+
+
+def format_time(moment: datetime.datetime | None) -> str:
+    """A timestamp as ISO 8601 UTC to the millisecond, or ``-`` when unset."""
+    if moment is None:
+        return "-"
+    return moment.astimezone(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def format_money(amount: float, currency: str) -> str:
+    """An amount with two decimals and its currency code."""
+    return f"{amount:.2f} {currency or 'USD'}"
+
+
+def format_order_summary(order: Order) -> str:
+    """One line: id, status, version, total, item count, creation time."""
+    count = sum(item.quantity for item in order.items)
+    return (
+        f"{order.id}  {order.status.name:<9}  v{order.version}  {format_money(order.total_amount, order.currency_code)}"
+        f"  {count} item{'s' if count != 1 else ''}  created {format_time(order.create_time)}"
+    )
+
+
+def format_order(order: Order) -> str:
+    """Several lines: the summary, one line per item, and the last update time."""
+    lines = [f"order {format_order_summary(order)}"]
+    lines += [
+        f"  {item.quantity} x {item.product_name} @ {format_money(item.price, order.currency_code)}"
+        for item in order.items
+    ]
+    lines.append(f"  updated {format_time(order.update_time)}")
+    return "\n".join(lines)
+
+
+def format_update(update: StatusUpdate, *, short: bool = False) -> str:
+    """One status change: ``seq=N ID PREVIOUS -> STATUS at TIME``; a creation shows ``(new)`` as previous."""
+    previous = "(new)" if update.previous_status is OrderStatus.UNSPECIFIED else update.previous_status.name
+    order_id = short_id(update.order_id) if short else update.order_id
+    return f"seq={update.sequence} {order_id} {previous} -> {update.status.name} at {format_time(update.timestamp)}"
+
+
+class Output:
+    """Prints results for people or, with ``json=True``, one protobuf-JSON object per line."""
+
+    def __init__(self, *, as_json: bool = False) -> None:
+        self.as_json = as_json
+
+    def _emit(self, message: betterproto2.Message, text: str) -> None:
+        line = json.dumps(message.to_dict(include_default_values=True)) if self.as_json else text
+        print(line, flush=True)
+
+    def order(self, order: Order) -> None:
+        """Print an order in full."""
+        self._emit(order, format_order(order))
+
+    def order_line(self, order: Order) -> None:
+        """Print an order as one line (used by ``list``)."""
+        self._emit(order, format_order_summary(order))
+
+    def update(self, update: StatusUpdate) -> None:
+        """Print one status update."""
+        self._emit(update, format_update(update))
+
+
+def print_error(error: OrderError) -> None:
+    """Report a server or connection error the way every command does."""
+    print(f"error: {error.code}: {error.message}", file=sys.stderr, flush=True)
+
+
+# --- client commands -----------------------------------------------------------------------------------
+
+
+async def cmd_create(client: OrderClient, args: argparse.Namespace, out: Output) -> None:
+    """Create an order from ``--item`` flags."""
+    order = await client.create(
+        args.items, total_amount=args.total, currency_code=args.currency, request_id=args.request_id
+    )
+    out.order(order)
+
+
+async def cmd_get(client: OrderClient, args: argparse.Namespace, out: Output) -> None:
+    """Show one order."""
+    out.order(await client.get(args.id))
+
+
+async def cmd_update(client: OrderClient, args: argparse.Namespace, out: Output) -> None:
+    """Change an order's status."""
+    out.order(await client.update_status(args.id, args.status, expected_version=args.expected_version))
+
+
+async def cmd_cancel(client: OrderClient, args: argparse.Namespace, out: Output) -> None:
+    """Cancel an order."""
+    out.order(await client.cancel(args.id, expected_version=args.expected_version))
+
+
+async def cmd_list(client: OrderClient, args: argparse.Namespace, out: Output) -> None:
+    """List orders oldest first, fetching pages lazily, up to ``--limit``."""
+    shown = 0
+    async for order in client.list(statuses=args.status or (), page_size=args.page_size):
+        if args.limit is not None and shown >= args.limit:
+            break
+        out.order_line(order)
+        shown += 1
+
+
+async def cmd_watch(client: OrderClient, args: argparse.Namespace, out: Output) -> None:
+    """Print status updates as they arrive, until ``--count`` of them or Ctrl-C."""
+    if args.count == 0:
+        return
+    seen = 0
+    updates = client.watch(
+        args.ids, after_sequence=args.after_sequence, heartbeat_seconds=args.heartbeat, reconnect=args.reconnect
+    )
+    async for update in updates:
+        out.update(update)
+        seen += 1
+        if seen == args.count:
+            break
+
+
+async def run_client_command(handler: Handler, args: argparse.Namespace) -> None:
+    """Connect to ``--target`` and run one command's handler."""
+    async with OrderClient(args.target, timeout=args.timeout) as client:
+        await handler(client, args, Output(as_json=args.json))
+
+
+# --- demo ------------------------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def demo_target(target: str | None) -> AsyncIterator[str]:
+    """Yield ``target``, or start an embedded server on a temporary database and yield its address."""
+    if target is not None:
+        yield target
+        return
+    with tempfile.TemporaryDirectory(prefix="orders-demo-") as tmpdir:
+        config = server_module.ServerConfig(port=0, db=f"sqlite:///{tmpdir}/orders.db", grace=1.0)
+        async with server_module.OrderServer(config) as embedded:
+            print(f"Started an embedded server on port {embedded.port} (database {config.db})", flush=True)
+            yield f"127.0.0.1:{embedded.port}"
+
+
+class DemoFailed(Exception):
+    """The server did not behave as the demo expects."""
+
+
+class DemoWatch:
+    """A background watch that prints each update as it arrives and lets the demo wait for it."""
+
+    def __init__(self, client: OrderClient, order_ids: list[str]) -> None:
+        self.seen = 0
+        self._progress = asyncio.Event()
+        self._task = asyncio.create_task(self._run(client, order_ids))
+
+    async def _run(self, client: OrderClient, order_ids: list[str]) -> None:
+        # after_sequence=0 replays these orders' creation events, then goes live with no gap, so no
+        # update can slip past between starting the watch and the first status change.
+        async for update in client.watch(order_ids, after_sequence=0):
+            print(f"  [watch] {format_update(update, short=True)}", flush=True)
+            self.seen += 1
+            self._progress.set()
+
+    async def wait_for(self, count: int, timeout: float = 5.0) -> None:
+        """Wait until the watch has printed ``count`` updates in total; raise if it fails or stalls."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.seen < count:
+            if self._task.done():
+                self._task.result()  # raises the watch's own error, if it had one
+                raise DemoFailed("the watch ended unexpectedly")
+            self._progress.clear()
+            progress = asyncio.ensure_future(self._progress.wait())
+            done, _ = await asyncio.wait(
+                {progress, self._task}, timeout=deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED
+            )
+            progress.cancel()
+            if not done:
+                raise DemoFailed(f"the watch printed {self.seen} of {count} expected updates within {timeout:g}s")
+
+    async def stop(self) -> None:
+        """Cancel the watch task and wait for it to finish."""
+        self._task.cancel()
+        with suppress(asyncio.CancelledError):
+            await self._task
+
+
+def step(title: str) -> None:
+    """Narrate the next demo step."""
+    print(f"\n== {title}", flush=True)
+
+
+async def expect_error(call: Awaitable[object]) -> None:
+    """Run a call that the server must refuse, and show the refusal."""
+    try:
+        await call
+    except OrderError as error:
+        print(f"  refused as expected: {error.code}: {error.message}", flush=True)
+    else:
+        raise DemoFailed("the server accepted a request it should have refused")
+
+
+async def run_demo(client: OrderClient) -> None:
+    """Exercise every RPC with narration: create, get, list, update, cancel, idempotency and a live watch."""
+    out = Output()
+    step("CreateOrder: three orders")
+    laptop_key = str(uuid.uuid4())
+    laptop_items = [Item("Laptop", 1, 1000.00), Item("Mouse", 2, 25.00)]
+    laptop = await client.create(laptop_items, request_id=laptop_key)
+    keyboard = await client.create([Item("Keyboard", 1, 79.90)], currency_code="EUR")
+    monitor = await client.create([Item("Monitor: 27-inch", 2, 249.50)], total_amount=499.00)
+    for order in (laptop, keyboard, monitor):
+        out.order(order)
+    ids = [laptop.id, keyboard.id, monitor.id]
+
+    step("GetOrder")
+    out.order(await client.get(laptop.id))
+
+    step("ListOrders: pages of 2, oldest first")
+    token = ""
+    for number in (1, 2):  # two pages at most, so a busy --target server does not flood the screen
+        page = await client.list_page(page_size=2, page_token=token)
+        print(f"  page {number}: {len(page.orders)} orders, more pages: {'yes' if page.next_page_token else 'no'}")
+        for order in page.orders:
+            print(f"    {format_order_summary(order)}")
+        token = page.next_page_token
+        if not token:
+            break
+
+    step("OrderStatusStream: watching the three orders (replay from sequence 0, then live)")
+    watch = DemoWatch(client, ids)
+    try:
+        await watch.wait_for(3)
+        await run_status_changes(client, watch, laptop, keyboard, monitor)
+
+        step("CreateOrder again with the same request_id: the original order, not a new one")
+        retried = await client.create(laptop_items, request_id=laptop_key)
+        same = retried.id == laptop.id
+        print(f"  returned order {retried.id} (same as the first: {same}), status {retried.status.name}")
+        print("  the same request_id with different items:")
+        await expect_error(client.create([Item("Laptop", 2, 1000.00)], request_id=laptop_key))
+
+        step("ListOrders with a status filter (auto-paging)")
+        async for order in client.list(statuses=[OrderStatus.DELIVERED, OrderStatus.CANCELLED], page_size=2):
+            if order.id in ids:
+                print(f"    {format_order_summary(order)}")
+    finally:
+        await watch.stop()
+    print(f"\nDemo finished: the watch printed {watch.seen} status updates as they happened.", flush=True)
+
+
+async def run_status_changes(
+    client: OrderClient, watch: DemoWatch, laptop: Order, keyboard: Order, monitor: Order
+) -> None:
+    """The UpdateOrderStatus / CancelOrder part of the demo, each change echoed by the watch."""
+    step("UpdateOrderStatus: the laptop order goes CONFIRMED -> SHIPPED -> DELIVERED")
+    for status in (OrderStatus.CONFIRMED, OrderStatus.SHIPPED, OrderStatus.DELIVERED):
+        order = await client.update_status(laptop.id, status, expected_version=laptop.version)
+        laptop = order
+        print(f"  {short_id(order.id)} is now {order.status.name} (version {order.version})", flush=True)
+        await watch.wait_for(watch.seen + 1)
+
+    step("UpdateOrderStatus: an illegal transition (PENDING -> DELIVERED)")
+    await expect_error(client.update_status(keyboard.id, OrderStatus.DELIVERED))
+
+    step("UpdateOrderStatus: a stale expected_version")
+    await expect_error(client.update_status(monitor.id, OrderStatus.CONFIRMED, expected_version=monitor.version + 1))
+
+    step("CancelOrder: the keyboard order")
+    cancelled = await client.cancel(keyboard.id)
+    print(f"  {short_id(cancelled.id)} is now {cancelled.status.name} (version {cancelled.version})", flush=True)
+    await watch.wait_for(watch.seen + 1)
+
+
+async def demo(args: argparse.Namespace) -> None:
+    """``orders demo``: run the demo against ``--target`` or an embedded server."""
+    async with demo_target(args.target) as target, OrderClient(target, timeout=args.timeout) as client:
+        await run_demo(client)
+
+
+# --- serve ---------------------------------------------------------------------------------------------
+
+
+def serve(args: argparse.Namespace) -> None:
+    """``orders serve``: exactly ``python -m orders.server``."""
+    config = server_module.config_from_args(args)
+    server_module.configure_logging(config.log_level)
+    asyncio.run(server_module.serve(config))
+
+
+# --- parser and entry point ------------------------------------------------------------------------
+
+
+def client_options() -> argparse.ArgumentParser:
+    """The flags every client command shares."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
+        "--target",
+        type=target_arg,
+        default=os.environ.get("ORDERS_TARGET", DEFAULT_TARGET),
+        help="server address host:port (ORDERS_TARGET; default %(default)s)",
+    )
+    parent.add_argument("--json", action="store_true", help="print one JSON object per line")
+    parent.add_argument("--timeout", type=positive_float, default=10.0, help="seconds per call (default %(default)s)")
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole ``orders`` command line."""
+    parser = argparse.ArgumentParser(prog="orders", description="The orders gRPC service: server, demo and client.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = client_options()
+
+    def client_command(name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, parents=[common], help=help, description=help)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    serve_parser = commands.add_parser("serve", help="run the server", description="Run the orders gRPC server.")
+    server_module.add_server_arguments(serve_parser)
+    serve_parser.set_defaults(run=serve)
+
+    demo_parser = commands.add_parser(
+        "demo",
+        help="exercise every RPC with narration",
+        description="Exercise every RPC, including a live watch, against --target or an embedded server.",
+    )
+    demo_parser.add_argument("--target", type=target_arg, help="server host:port (default: start an embedded server)")
+    demo_parser.add_argument(
+        "--timeout", type=positive_float, default=10.0, help="seconds per call (default %(default)s)"
+    )
+    demo_parser.set_defaults(run=lambda args: asyncio.run(demo(args)))
+
+    create = client_command("create", cmd_create, "create an order")
+    create.add_argument(
+        "--item",
+        dest="items",
+        type=item_arg,
+        action="append",
+        required=True,
+        metavar="NAME:QUANTITY:PRICE",
+        help="an item, e.g. Laptop:1:1000.00 (repeat for more items)",
+    )
+    create.add_argument("--currency", default="", help="ISO 4217 code (default USD)")
+    create.add_argument(
+        "--total", type=float, default=0.0, help="expected total; the server checks it (default: computed)"
+    )
+    create.add_argument("--request-id", help="idempotency key: retrying with it returns the same order")
+
+    client_command("get", cmd_get, "show an order").add_argument("id", help="order id")
+
+    update = client_command("update", cmd_update, "change an order's status")
+    update.add_argument("id", help="order id")
+    update.add_argument("status", type=status_arg, metavar="STATUS", help=f"one of {', '.join(STATUS_CHOICES)}")
+    update.add_argument("--expected-version", type=non_negative_int, default=0, help="apply only to this version")
+
+    cancel = client_command("cancel", cmd_cancel, "cancel an order")
+    cancel.add_argument("id", help="order id")
+    cancel.add_argument("--expected-version", type=non_negative_int, default=0, help="apply only to this version")
+
+    listing = client_command("list", cmd_list, "list orders, oldest first")
+    listing.add_argument("--status", type=status_arg, nargs="+", metavar="STATUS", help="only these statuses")
+    listing.add_argument(
+        "--page-size", type=non_negative_int, default=0, help="orders per request (default: server's 50)"
+    )
+    listing.add_argument("--limit", type=non_negative_int, help="stop after this many orders")
+
+    watch = client_command("watch", cmd_watch, "print status updates as they happen")
+    watch.add_argument("ids", nargs="*", metavar="ID", help="order ids to watch (default: all orders)")
+    watch.add_argument("--after-sequence", type=non_negative_int, help="first replay every update after this sequence")
+    watch.add_argument("--heartbeat", type=non_negative_int, default=0, help="ask for a heartbeat every N idle seconds")
+    watch.add_argument("--count", type=non_negative_int, help="exit after this many updates")
+    watch.add_argument(
+        "--no-reconnect", dest="reconnect", action="store_false", help="exit with an error when the stream drops"
+    )
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run parsed arguments and turn every expected failure into an exit code."""
+    try:
+        if hasattr(args, "handler"):
+            asyncio.run(run_client_command(args.handler, args))
+        else:
+            args.run(args)
+    except OrderError as error:
+        print_error(error)
+        return EXIT_ERROR
+    except DemoFailed as failure:
+        print(f"error: demo: {failure}", file=sys.stderr, flush=True)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (e.g. `orders watch | head -1`); silence the final flush at exit.
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        return EXIT_OK
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``orders`` console script and ``python -m orders``."""
+    sys.exit(run(build_parser().parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,365 @@
+"""The ``orders`` console script, run as a real process against a real server process over a real socket."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ORDERS = str(Path(sys.executable).parent / "orders")
+STARTED = "Server started on port "
+TIMEOUT = 20
+
+
+def _default_sigint() -> None:
+    # A child of a background job inherits SIGINT as ignored; give it the handler a terminal user has.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+# Without PYTHONUNBUFFERED the child's stdout is block-buffered, as for any user piping its output, so a
+# line only arrives while the process runs if the code flushed it.
+BUFFERED_ENV = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+
+
+def spawn(*args: str, stderr: object = subprocess.PIPE) -> subprocess.Popen[bytes]:
+    """Start a long-running process; our end of its stdout is unbuffered, so read_line never hides data."""
+    return subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=stderr, bufsize=0, env=BUFFERED_ENV, preexec_fn=_default_sigint
+    )
+
+
+def read_line(process: subprocess.Popen[bytes], timeout: float = TIMEOUT) -> str:
+    """The next line the process prints, failing the test if none arrives within ``timeout``."""
+    assert process.stdout is not None
+    ready, _, _ = select.select([process.stdout], [], [], timeout)
+    assert ready, f"no output within {timeout}s"
+    line = process.stdout.readline().decode()
+    assert line, f"process exited with {process.wait()} before printing a line"
+    return line.rstrip("\n")
+
+
+def wait_for_start(process: subprocess.Popen[bytes]) -> int:
+    """Read until the ``Server started on port N`` line and return N."""
+    line = read_line(process)
+    assert line.startswith(STARTED), line
+    return int(line.removeprefix(STARTED))
+
+
+def stop(process: subprocess.Popen[bytes]) -> int:
+    """SIGTERM the process and return its exit code (killing it if it hangs)."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``host:port`` of a ``python -m orders.server`` process on a fresh temporary database."""
+    tmp = tmp_path_factory.mktemp("cli")
+    with open(tmp / "server.log", "wb") as log:
+        server = spawn(
+            sys.executable, "-m", "orders.server", "--port", "0", "--db", f"sqlite:///{tmp}/o.db", stderr=log
+        )
+        try:
+            yield f"127.0.0.1:{wait_for_start(server)}"
+        finally:
+            stop(server)
+
+
+def orders(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the ``orders`` console script to completion."""
+    return subprocess.run([ORDERS, *args], capture_output=True, text=True, timeout=TIMEOUT, env=env)
+
+
+def call(target: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run a client command against ``target``."""
+    return orders(*args, "--target", target)
+
+
+def call_json(target: str, *args: str) -> list[dict]:
+    """Run a client command with ``--json``; it must succeed; return the objects it printed."""
+    result = call(target, *args, "--json")
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def create(target: str, *items: str) -> dict:
+    """Create an order through the CLI and return it as JSON."""
+    flags = [arg for item in items for arg in ("--item", item)]
+    [order] = call_json(target, "create", *flags)
+    return order
+
+
+def assert_fails(result: subprocess.CompletedProcess[str], code: str) -> None:
+    """The command failed with a server error of this status code, reported in one clean line."""
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert result.stderr.startswith(f"error: {code}: "), result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+# --- create / get --------------------------------------------------------------------------------------
+
+
+def test_create_json_computes_total_and_keeps_colons_in_names(target: str) -> None:
+    [order] = call_json(
+        target, "create", "--item", "Laptop:1:1000.00", "--item", "Cable: USB-C:2:25.00", "--currency", "EUR"
+    )
+    assert order["status"] == "ORDER_STATUS_PENDING"
+    assert order["totalAmount"] == 1050.0
+    assert order["currencyCode"] == "EUR"
+    assert int(order["version"]) == 1
+    assert [(i["productName"], i["quantity"], i["price"]) for i in order["items"]] == [
+        ("Laptop", 1, 1000.0),
+        ("Cable: USB-C", 2, 25.0),
+    ]
+    uuid.UUID(order["id"])
+
+
+def test_create_human_output(target: str) -> None:
+    result = call(target, "create", "--item", "Laptop:1:1000.00", "--item", "Mouse:2:25.00", "--total", "1050")
+    assert result.returncode == 0, result.stderr
+    header, *rest = result.stdout.splitlines()
+    assert header.startswith("order ")
+    assert "PENDING" in header and "v1" in header and "1050.00 USD" in header
+    assert "  1 x Laptop @ 1000.00 USD" in rest
+    assert "  2 x Mouse @ 25.00 USD" in rest
+
+
+def test_create_with_request_id_is_idempotent(target: str) -> None:
+    key = str(uuid.uuid4())
+    [first] = call_json(target, "create", "--item", "Pen:3:1.25", "--request-id", key)
+    [again] = call_json(target, "create", "--item", "Pen:3:1.25", "--request-id", key)
+    assert again["id"] == first["id"]
+    assert_fails(call(target, "create", "--item", "Pen:4:1.25", "--request-id", key), "ALREADY_EXISTS")
+
+
+def test_create_wrong_total_is_invalid_argument(target: str) -> None:
+    assert_fails(call(target, "create", "--item", "Laptop:1:1000.00", "--total", "999"), "INVALID_ARGUMENT")
+
+
+def test_get_returns_what_create_returned(target: str) -> None:
+    order = create(target, "Desk:1:300.00")
+    assert call_json(target, "get", order["id"]) == [order]
+    human = call(target, "get", order["id"])
+    assert human.returncode == 0
+    assert order["id"] in human.stdout and "300.00 USD" in human.stdout
+
+
+@pytest.mark.parametrize(
+    ("order_id", "code"),
+    [("00000000-0000-4000-8000-000000000000", "NOT_FOUND"), ("not-a-uuid", "INVALID_ARGUMENT")],
+)
+def test_get_errors(target: str, order_id: str, code: str) -> None:
+    assert_fails(call(target, "get", order_id), code)
+
+
+@pytest.mark.parametrize("item", ["Laptop", "Laptop:1", "Laptop:one:1.00", "Laptop:1:cheap", ":1.5:2"])
+def test_malformed_item_is_a_usage_error(target: str, item: str) -> None:
+    result = call(target, "create", "--item", item)
+    assert result.returncode == 2
+    message = result.stderr.splitlines()[-1]
+    assert "argument --item" in message and "NAME:QUANTITY:PRICE" in message and repr(item) in message
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_status_is_a_usage_error(target: str) -> None:
+    result = call(target, "update", str(uuid.uuid4()), "teleported")
+    assert result.returncode == 2
+    assert "unknown status 'teleported'" in result.stderr
+
+
+# --- update / cancel -----------------------------------------------------------------------------------
+
+
+def test_update_through_the_lifecycle(target: str) -> None:
+    order = create(target, "Chair:4:50.00")
+    versions = []
+    for status in ("confirmed", "ORDER_STATUS_SHIPPED", "Delivered"):
+        [updated] = call_json(target, "update", order["id"], status)
+        versions.append((updated["status"], int(updated["version"])))
+    assert versions == [("ORDER_STATUS_CONFIRMED", 2), ("ORDER_STATUS_SHIPPED", 3), ("ORDER_STATUS_DELIVERED", 4)]
+    human = call(target, "get", order["id"])
+    assert "DELIVERED" in human.stdout and "v4" in human.stdout
+    assert_fails(call(target, "update", order["id"], "pending"), "FAILED_PRECONDITION")
+    assert_fails(call(target, "cancel", order["id"]), "FAILED_PRECONDITION")
+
+
+def test_illegal_transition_names_both_statuses(target: str) -> None:
+    order = create(target, "Lamp:1:20.00")
+    result = call(target, "update", order["id"], "delivered")
+    assert_fails(result, "FAILED_PRECONDITION")
+    assert "PENDING" in result.stderr and "DELIVERED" in result.stderr
+
+
+def test_cancel_with_expected_version(target: str) -> None:
+    order = create(target, "Sofa:1:800.00")
+    assert_fails(call(target, "cancel", order["id"], "--expected-version", "7"), "ABORTED")
+    result = call(target, "cancel", order["id"], "--expected-version", "1")
+    assert result.returncode == 0, result.stderr
+    assert "CANCELLED" in result.stdout and "v2" in result.stdout
+    [again] = call_json(target, "cancel", order["id"])
+    assert (again["status"], again["version"]) == ("ORDER_STATUS_CANCELLED", "2")
+
+
+# --- list ----------------------------------------------------------------------------------------------
+
+
+def test_list_pages_lazily_and_filters(target: str) -> None:
+    made = [create(target, f"Book {n}:1:10.00")["id"] for n in range(3)]
+    call_json(target, "update", made[1], "confirmed")
+    small_pages = [o["id"] for o in call_json(target, "list", "--page-size", "1")]
+    one_page = [o["id"] for o in call_json(target, "list", "--page-size", "1000")]
+    assert small_pages == one_page
+    assert [i for i in small_pages if i in made] == made  # oldest first
+    confirmed = call_json(target, "list", "--status", "confirmed", "--page-size", "2")
+    assert made[1] in [o["id"] for o in confirmed]
+    assert {o["status"] for o in confirmed} == {"ORDER_STATUS_CONFIRMED"}
+    assert len(call_json(target, "list", "--limit", "2", "--page-size", "1")) == 2
+
+
+def test_list_human_output_is_one_line_per_order(target: str) -> None:
+    order = create(target, "Rug:2:35.50")
+    result = call(target, "list", "--status", "pending", "cancelled")
+    assert result.returncode == 0, result.stderr
+    [line] = [line for line in result.stdout.splitlines() if order["id"] in line]
+    assert "PENDING" in line and "71.00 USD" in line and "v1" in line
+
+
+# --- watch ---------------------------------------------------------------------------------------------
+
+
+def test_watch_prints_each_update_as_it_arrives(target: str) -> None:
+    order = create(target, "Bike:1:500.00")
+    watch = spawn(ORDERS, "watch", order["id"], "--after-sequence", "0", "--count", "3", "--json", "--target", target)
+    try:
+        # Each line must arrive while the watch keeps running: this only passes if every line is flushed.
+        created = json.loads(read_line(watch))
+        assert (created["orderId"], created["previousStatus"], created["status"]) == (
+            order["id"],
+            "ORDER_STATUS_UNSPECIFIED",
+            "ORDER_STATUS_PENDING",
+        )
+        call_json(target, "update", order["id"], "confirmed")
+        confirmed = json.loads(read_line(watch))
+        assert (confirmed["previousStatus"], confirmed["status"]) == ("ORDER_STATUS_PENDING", "ORDER_STATUS_CONFIRMED")
+        assert int(confirmed["sequence"]) > int(created["sequence"])
+        call_json(target, "cancel", order["id"])
+        cancelled = json.loads(read_line(watch))
+        assert cancelled["status"] == "ORDER_STATUS_CANCELLED"
+        assert watch.wait(TIMEOUT) == 0  # --count 3 reached
+    finally:
+        stop(watch)
+
+
+def test_watch_human_output(target: str) -> None:
+    order = create(target, "Kite:1:15.00")
+    result = call(target, "watch", order["id"], "--after-sequence", "0", "--count", "1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("seq=")
+    assert f" {order['id']} (new) -> PENDING at " in result.stdout
+
+
+def test_watch_ctrl_c_exits_130_quietly(target: str) -> None:
+    create(target, "Drum:1:99.00")
+    watch = spawn(ORDERS, "watch", "--after-sequence", "0", "--target", target)
+    try:
+        read_line(watch)  # it is streaming
+        watch.send_signal(signal.SIGINT)
+        assert watch.wait(TIMEOUT) == 130
+        assert watch.stderr is not None and watch.stderr.read() == b""
+    finally:
+        stop(watch)
+
+
+def test_watch_errors(target: str) -> None:
+    assert_fails(call(target, "watch", "not-a-uuid"), "INVALID_ARGUMENT")
+    assert_fails(call(target, "watch", "--after-sequence", "99999999"), "OUT_OF_RANGE")
+
+
+# --- connection and environment ------------------------------------------------------------------------
+
+
+def test_unreachable_server_is_unavailable_without_traceback() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    assert_fails(orders("get", str(uuid.uuid4()), "--target", f"127.0.0.1:{port}", "--timeout", "2"), "UNAVAILABLE")
+
+
+def test_target_defaults_to_orders_target_env(target: str) -> None:
+    result = orders("get", "00000000-0000-4000-8000-000000000001", env={**os.environ, "ORDERS_TARGET": target})
+    assert_fails(result, "NOT_FOUND")
+
+
+def test_bad_target_is_a_usage_error() -> None:
+    result = orders("get", str(uuid.uuid4()), "--target", "no-port-here")
+    assert result.returncode == 2
+    assert "host:port" in result.stderr
+
+
+# --- serve / demo / python -m orders -------------------------------------------------------------------
+
+
+def test_serve_prints_started_line_and_exits_0_on_sigterm(tmp_path: Path) -> None:
+    server = spawn(ORDERS, "serve", "--port", "0", "--db", f"sqlite:///{tmp_path}/s.db", stderr=subprocess.DEVNULL)
+    try:
+        port = wait_for_start(server)
+        assert_fails(call(f"127.0.0.1:{port}", "get", str(uuid.uuid4())), "NOT_FOUND")  # it really serves
+    finally:
+        assert stop(server) == 0
+
+
+def test_demo_exercises_every_rpc_with_a_live_watch() -> None:
+    result = orders("demo")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "Started an embedded server on port" in out
+    for rpc in ("CreateOrder", "GetOrder", "ListOrders", "UpdateOrderStatus", "CancelOrder", "OrderStatusStream"):
+        assert f"== {rpc}" in out, rpc
+    assert "page 1: 2 orders" in out and "page 2: 1 orders" in out
+    assert "refused as expected: FAILED_PRECONDITION" in out
+    assert "(same as the first: True)" in out
+    watch_lines = [line for line in out.splitlines() if line.startswith("  [watch] seq=")]
+    changes = [re.fullmatch(r"  \[watch\] seq=\d+ [0-9a-f]{8} (.+) at \S+", line).group(1) for line in watch_lines]
+    assert changes == [
+        "(new) -> PENDING",
+        "(new) -> PENDING",
+        "(new) -> PENDING",
+        "PENDING -> CONFIRMED",
+        "CONFIRMED -> SHIPPED",
+        "SHIPPED -> DELIVERED",
+        "PENDING -> CANCELLED",
+    ]
+    # Live: each change's watch line comes after the narration of the change that caused it.
+    assert out.index("is now CONFIRMED") < out.index("PENDING -> CONFIRMED")
+    assert "Traceback" not in result.stderr
+
+
+def test_demo_against_a_running_server(target: str) -> None:
+    result = orders("demo", "--target", target)
+    assert result.returncode == 0, result.stderr
+    assert "embedded" not in result.stdout
+    assert "SHIPPED -> DELIVERED" in result.stdout
+
+
+def test_python_dash_m_orders_is_the_cli() -> None:
+    result = subprocess.run([sys.executable, "-m", "orders", "--help"], capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0
+    for command in ("serve", "demo", "create", "get", "list", "update", "cancel", "watch"):
+        assert command in result.stdout
