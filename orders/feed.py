@@ -26,6 +26,24 @@ ReadBounds = Callable[[], Awaitable[tuple[int, int]]]
 log = logging.getLogger(__name__)
 
 
+async def _wait(event: asyncio.Event, timeout: float | None) -> bool:
+    """Wait up to ``timeout`` s (None: forever) for ``event``; True if it is set.
+
+    Unlike ``asyncio.wait_for`` on Python < 3.12, this never swallows a cancellation that arrives just
+    as the event is set, so a cancelled stream or tailer really stops.
+    """
+    if event.is_set():
+        return True
+    if timeout is None:
+        return await event.wait()
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        done, _ = await asyncio.wait({waiter}, timeout=timeout)
+    finally:
+        waiter.cancel()
+    return bool(done)
+
+
 class _Watcher(Generic[T]):
     """One stream's mailbox: a bounded queue of (sequence, payload) plus a lag flag."""
 
@@ -80,6 +98,7 @@ class Feed(Generic[T]):
         self._by_order: dict[str, set[_Watcher[T]]] = collections.defaultdict(set)
         self._new_events = asyncio.Event()
         self._tailer: asyncio.Task[None] | None = None
+        self._closed = False
         self.head = 0
 
     @property
@@ -98,6 +117,7 @@ class Feed(Generic[T]):
 
     async def close(self) -> None:
         """End every stream (they raise Unavailable) and stop tailing."""
+        self._closed = True
         for watcher in self._watchers:
             watcher.close()
         if self._tailer is not None:
@@ -106,9 +126,8 @@ class Feed(Generic[T]):
                 await self._tailer
 
     async def _tail(self) -> None:
-        while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._new_events.wait(), self._poll_interval)
+        while not self._closed:
+            await _wait(self._new_events, self._poll_interval)
             self._new_events.clear()
             try:
                 while await self._publish_next_page():
@@ -148,6 +167,8 @@ class Feed(Generic[T]):
         """Yield rendered updates for ``query``: replay from the log if asked, then live, forever."""
         watcher: _Watcher[T] = _Watcher(query.order_ids, self._queue_capacity)
         self._register(watcher)
+        if self._closed:  # a call that slipped in while the server is shutting down
+            watcher.close()
         try:
             if query.after_sequence is None:
                 # Live only: skip everything already committed, even what the tailer has not published yet.
@@ -186,9 +207,7 @@ class Feed(Generic[T]):
                     timeout = None
                     if query.heartbeat_seconds:
                         timeout = max(0.0, last_sent + query.heartbeat_seconds - loop.time())
-                    try:
-                        await asyncio.wait_for(watcher.wakeup.wait(), timeout)
-                    except asyncio.TimeoutError:
+                    if not await _wait(watcher.wakeup, timeout):
                         yield self._render_heartbeat(max(self.head, cursor))
                         last_sent = loop.time()
         finally:

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import selectors
-import shutil
 import signal
 import subprocess
 import sys
@@ -604,22 +603,3 @@ def test_call_built_from_reflection_alone(probe: dict[str, Any]) -> None:
     assert order["total_amount"] == 2.5
     assert order["status"] == "ORDER_STATUS_PENDING"
     assert order["version"] == "1"  # int64 is a string in protobuf JSON
-
-
-@pytest.mark.skipif(shutil.which("grpcurl") is None, reason="grpcurl is not installed")
-def test_grpcurl(port: int) -> None:
-    def grpcurl(*args: str) -> str:
-        done = subprocess.run(
-            ["grpcurl", "-plaintext", *args], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
-        )
-        assert done.returncode == 0, done.stderr
-        return done.stdout
-
-    target = f"127.0.0.1:{port}"
-    assert {SERVICE, "grpc.health.v1.Health"} <= set(grpcurl(target, "list").split())
-    described = grpcurl(target, "describe", SERVICE)
-    stream = "rpc OrderStatusStream ( .orders.v1.OrderStatusStreamRequest ) returns ( stream .orders.v1.StatusUpdate )"
-    assert stream in described
-    body = '{"items":[{"product_name":"A","quantity":1,"price":2.5}]}'
-    created = json.loads(grpcurl("-d", body, target, f"{SERVICE}/CreateOrder"))["order"]
-    assert (created["totalAmount"], created["status"], created["version"]) == (2.5, "ORDER_STATUS_PENDING", "1")

@@ -1,0 +1,303 @@
+"""The client library (orders.client.OrderClient) against real servers: lazy paging, the error family,
+retries when nothing listens, and idempotent creates and gap-free watches across a server restart."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from server_process import ServerProcess, free_port
+
+from orders import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    Item,
+    NotFound,
+    OrderClient,
+    OrderError,
+    OrderStatus,
+    OutOfRange,
+    RetryPolicy,
+    StatusUpdate,
+    Unavailable,
+)
+from orders.errors import DeadlineExceeded
+
+FAST_RETRY = RetryPolicy(attempts=60, initial_backoff=0.02, max_backoff=0.2)
+
+
+# --- a server in a subprocess, restartable on the same port and file ------------------------------
+
+
+# --- paging ---------------------------------------------------------------------------------------
+
+
+async def test_list_pages_lazily_through_every_order_in_creation_order(server, client):
+    created = []
+    for start in range(0, 120, 20):
+        created += await asyncio.gather(*(client.create([Item(f"item {i}", 1, 1.0)]) for i in range(start, start + 20)))
+    created_ids = [o.id for o in sorted(created, key=lambda o: (o.create_time, o.id))]
+    listed_once = [o.id async for o in client.list(page_size=1000)]
+    assert sorted(listed_once) == sorted(created_ids)
+
+    pages = 0
+    list_page = client.list_page
+
+    async def counting_list_page(**kwargs):
+        nonlocal pages
+        pages += 1
+        assert kwargs["page_size"] == 50
+        return await list_page(**kwargs)
+
+    client.list_page = counting_list_page
+    orders = client.list(page_size=50)
+    seen = []
+    async for order in orders:
+        seen.append(order.id)
+        # a page is fetched only when the previous one is used up
+        assert pages == (len(seen) - 1) // 50 + 1, (len(seen), pages)
+    assert pages == 3
+    assert seen == listed_once, "every order once, in creation order"
+    assert len(seen) == 120
+
+    # stopping early fetches nothing more
+    pages = 0
+    async for order in client.list(page_size=50):
+        if order.id == seen[10]:
+            break
+    assert pages == 1
+
+
+async def test_list_filters_by_status_across_pages(server, client):
+    ids = [(await client.create([Item("x", 1, 1.0)])).id for _ in range(12)]
+    for order_id in ids[::3]:
+        await client.update_status(order_id, OrderStatus.CONFIRMED)
+    confirmed = [o.id async for o in client.list(statuses=[OrderStatus.CONFIRMED], page_size=2)]
+    assert confirmed == ids[::3]
+
+
+# --- the error family -----------------------------------------------------------------------------
+
+
+async def test_errors_are_the_orders_error_family_with_the_status_code(server, client):
+    order = await client.create([Item("Laptop", 1, 1000.0)], request_id="same-key")
+
+    cases = [
+        (NotFound, "NOT_FOUND", client.get(str(uuid.uuid4()))),
+        (InvalidArgument, "INVALID_ARGUMENT", client.get("not-a-uuid")),
+        (InvalidArgument, "INVALID_ARGUMENT", client.create([])),
+        (FailedPrecondition, "FAILED_PRECONDITION", client.update_status(order.id, OrderStatus.DELIVERED)),
+        (Aborted, "ABORTED", client.update_status(order.id, OrderStatus.CONFIRMED, expected_version=7)),
+        (Aborted, "ABORTED", client.cancel(order.id, expected_version=2)),
+        (AlreadyExists, "ALREADY_EXISTS", client.create([Item("Phone", 1, 500.0)], request_id="same-key")),
+    ]
+    for cls, code, call in cases:
+        with pytest.raises(cls) as caught:
+            await asyncio.wait_for(call, 10)
+        error = caught.value
+        assert isinstance(error, OrderError)
+        assert error.code == code
+        assert error.message and str(error) == error.message
+
+    async def first_update() -> StatusUpdate:
+        async for update in client.watch(after_sequence=10**6):
+            return update
+        raise AssertionError("the watch ended")
+
+    with pytest.raises(OutOfRange) as caught:
+        await asyncio.wait_for(first_update(), 10)
+    assert caught.value.code == "OUT_OF_RANGE"
+
+    with pytest.raises(InvalidArgument):
+        await asyncio.wait_for(first_update_of(client.watch(["nope"])), 10)
+
+    # nothing above changed the order
+    assert await client.get(order.id) == order
+
+
+async def first_update_of(updates: AsyncIterator[StatusUpdate]) -> StatusUpdate:
+    async for update in updates:
+        return update
+    raise AssertionError("the watch ended")
+
+
+async def test_a_call_past_its_deadline_raises_deadline_exceeded(server, client):
+    """A slow server is not an unreachable one: the error says DEADLINE_EXCEEDED, not UNAVAILABLE."""
+    release = threading.Event()
+    blocked = asyncio.ensure_future(server.storage.write(release.wait, 10))  # hold the writer thread
+    try:
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded) as caught:
+            await client.create([Item("x", 1, 1.0)], timeout=0.3)
+        assert caught.value.code == "DEADLINE_EXCEEDED"
+        assert time.monotonic() - started < 2
+    finally:
+        release.set()
+        await blocked
+
+
+async def test_nothing_listening_is_unavailable_after_retries_within_the_timeout():
+    port = free_port()
+    retry = RetryPolicy(attempts=4, initial_backoff=0.05, max_backoff=0.2)
+    async with OrderClient(f"127.0.0.1:{port}", timeout=3, retry=retry) as client:
+        attempts = 0
+        get_order = client._stub.get_order
+
+        async def counting(*args, **kwargs):
+            nonlocal attempts
+            attempts += 1
+            return await get_order(*args, **kwargs)
+
+        client._stub.get_order = counting
+        started = time.monotonic()
+        with pytest.raises(Unavailable) as caught:
+            await asyncio.wait_for(client.get(str(uuid.uuid4())), 10)
+        elapsed = time.monotonic() - started
+        assert caught.value.code == "UNAVAILABLE"
+        assert attempts == 4, "reads are retried, up to the policy's attempts"
+        assert elapsed < 3
+
+        # a status change with expected_version is not safe to repeat: one attempt only
+        attempts = 0
+        update = client._stub.update_order_status
+
+        async def counting_update(*args, **kwargs):
+            nonlocal attempts
+            attempts += 1
+            return await update(*args, **kwargs)
+
+        client._stub.update_order_status = counting_update
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(
+                client.update_status(str(uuid.uuid4()), OrderStatus.CONFIRMED, expected_version=1), 10
+            )
+        assert attempts == 1
+
+
+async def test_retries_stop_at_the_timeout():
+    port = free_port()
+    retry = RetryPolicy(attempts=1000, initial_backoff=0.05, max_backoff=0.1)
+    async with OrderClient(f"127.0.0.1:{port}", timeout=0.8, retry=retry) as client:
+        started = time.monotonic()
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(client.get(str(uuid.uuid4())), 10)
+        assert 0.5 < time.monotonic() - started < 1.5
+
+
+# --- across a server restart ----------------------------------------------------------------------
+
+
+async def test_create_retried_across_a_restart_does_not_duplicate(tmp_path):
+    server = ServerProcess(tmp_path)
+    await server.start()
+    retrying: list[asyncio.Task] = []
+    try:
+        async with OrderClient(server.target, timeout=30, retry=FAST_RETRY) as client:
+            items = [Item("Laptop", 1, 1000.0), Item("Mouse", 2, 25.0)]
+            first = await client.create(items, request_id="order-1")
+
+            assert await server.stop() == 0
+            calls = 0
+            create_order = client._stub.create_order
+
+            async def counting(*args, **kwargs):
+                nonlocal calls
+                calls += 1
+                return await create_order(*args, **kwargs)
+
+            client._stub.create_order = counting
+            again = asyncio.create_task(client.create(items, request_id="order-1"))
+            new = asyncio.create_task(client.create([Item("Desk", 1, 300.0)], request_id="order-2"))
+            retrying += [again, new]
+            await asyncio.sleep(0.5)
+            assert not again.done() and not new.done(), "the creates should be retrying while the server is down"
+            assert calls > 2
+            await server.start()
+            again_order, new_order = await asyncio.wait_for(asyncio.gather(again, new), 20)
+
+            assert again_order == first, "the retry returns the original order, timestamps included"
+            assert new_order.id != first.id
+            # and once more, now that the server is up: still no new order
+            assert (await client.create([Item("Desk", 1, 300.0)], request_id="order-2")) == new_order
+            listed = [o async for o in client.list()]
+            assert [o.id for o in listed] == [first.id, new_order.id]
+    finally:
+        for task in retrying:
+            task.cancel()
+        await asyncio.gather(*retrying, return_exceptions=True)
+        await server.kill()
+
+
+async def test_watch_resumes_across_a_restart_without_gap_or_duplicate(tmp_path):
+    server = ServerProcess(tmp_path)
+    await server.start()
+    watcher = OrderClient(server.target, timeout=10, retry=FAST_RETRY)
+    writer = OrderClient(server.target, timeout=20, retry=FAST_RETRY)
+    received: list[StatusUpdate] = []
+    arrived = asyncio.Event()
+
+    async def watch() -> None:
+        async for update in watcher.watch(after_sequence=0):
+            received.append(update)
+            arrived.set()
+
+    async def wait_for_sequence(sequence: int) -> None:
+        async def wait() -> None:
+            while not received or received[-1].sequence < sequence:
+                if watching.done():
+                    raise AssertionError(f"the watch ended: {watching!r}; got {[u.sequence for u in received]}")
+                arrived.clear()
+                waiter = asyncio.ensure_future(arrived.wait())
+                try:
+                    await asyncio.wait({watching, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiter.cancel()
+
+        try:
+            await asyncio.wait_for(wait(), 20)
+        except asyncio.TimeoutError:
+            raise AssertionError(f"waited for {sequence}, got {[u.sequence for u in received]}") from None
+
+    async def changes(tag: str) -> None:
+        orders = [await writer.create([Item(f"{tag} {i}", 1, 1.0)]) for i in range(4)]
+        for order in orders[:3]:
+            await writer.update_status(order.id, OrderStatus.CONFIRMED)
+        await writer.cancel(orders[0].id)
+
+    watching = asyncio.create_task(watch())
+    try:
+        await changes("before")  # 8 events
+        await wait_for_sequence(8)
+
+        assert await server.stop() == 0
+        await asyncio.sleep(0.3)  # the watch is now reconnecting
+        assert not watching.done(), f"the watch gave up: {watching}"
+        await server.start()
+        await changes("after")  # 8 more, some of them before the watch is back
+        await wait_for_sequence(16)
+        await changes("later")  # and live again
+        await wait_for_sequence(24)
+        await asyncio.sleep(0.2)
+
+        sequences = [u.sequence for u in received]
+        assert sequences == list(range(1, 25)), sequences
+
+        # exactly the log, as replayed by a fresh watch
+        replay = []
+        async for update in writer.watch(after_sequence=0, reconnect=False):
+            replay.append(update)
+            if update.sequence == 24:
+                break
+        assert received == replay
+    finally:
+        watching.cancel()
+        await asyncio.gather(watching, return_exceptions=True)
+        watcher.close()
+        writer.close()
+        await server.kill()
