@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 import grpc
+from descriptor_shapes import field_shapes
 from google.protobuf import descriptor_pool, json_format, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
@@ -30,28 +31,13 @@ def health(channel: grpc.Channel, service: str) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
-def fields(message: Any) -> list[dict[str, Any]]:
-    """The fields of a message descriptor in declaration order."""
-    return [
-        {
-            "name": f.name,
-            "number": f.number,
-            "type": f.type,
-            "repeated": f.is_repeated if hasattr(f, "is_repeated") else f.label == f.LABEL_REPEATED,  # protobuf < 6
-            "presence": f.has_presence,
-            "type_name": (f.message_type or f.enum_type).full_name if (f.message_type or f.enum_type) else "",
-        }
-        for f in message.fields
-    ]
-
-
 def main(port: int) -> dict[str, Any]:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         database = ProtoReflectionDescriptorDatabase(channel)
         pool = descriptor_pool.DescriptorPool(database)
         service = pool.FindServiceByName(SERVICE)
         messages = {
-            name: fields(pool.FindMessageTypeByName(name))
+            name: field_shapes(pool.FindMessageTypeByName(name))
             for name in ("orders.v1.Order", "orders.v1.OrderItem", "orders.v1.OrderStatusStreamRequest")
         }
         # What `grpcurl -d '{...}' host:port orders.v1.OrderService/CreateOrder` does: build the request

@@ -26,6 +26,7 @@ from typing import Any
 
 import grpc
 import pytest
+from descriptor_shapes import field_shapes
 from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -534,21 +535,6 @@ def test_undecodable_stream_request_is_invalid_argument(
 
 
 # --- health and reflection, as grpcurl uses them --------------------------------------------------------------
-
-
-def field_shapes(descriptor: Any) -> list[dict[str, Any]]:
-    """The same view of a message's fields that tests/grpcio_probe.py reports."""
-    return [
-        {
-            "name": f.name,
-            "number": f.number,
-            "type": f.type,
-            "repeated": f.is_repeated if hasattr(f, "is_repeated") else f.label == f.LABEL_REPEATED,  # protobuf < 6
-            "presence": f.has_presence,
-            "type_name": (f.message_type or f.enum_type).full_name if (f.message_type or f.enum_type) else "",
-        }
-        for f in descriptor.fields
-    ]
 
 
 @pytest.fixture(scope="module")
