@@ -13,7 +13,9 @@ import functools
 import logging
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import betterproto2
 from google.protobuf import message_factory
@@ -23,6 +25,7 @@ from grpclib.const import Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.events import RecvRequest, listen
 from grpclib.exceptions import GRPCError
+from grpclib.protocol import Peer
 from grpclib.server import Server, Stream
 
 from orders.errors import OrderError
@@ -72,11 +75,61 @@ def _reject_mistyped_fields(message: Message) -> None:
                 _reject_mistyped_fields(child)
 
 
-class CallMiddleware:
-    """Wraps every call of a grpclib server: request id, error mapping, access log, drain tracking."""
+@dataclass(frozen=True, slots=True)
+class Call:
+    """A call as admission guards see it, before its handler runs."""
 
-    def __init__(self) -> None:
+    method: str
+    metadata: Any  # grpclib's multidict of request metadata
+    peer: Peer | None
+    request_id: str
+    stream: Stream[Any, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """A finished call as observers see it."""
+
+    method: str
+    code: str
+    peer: tuple[str, int] | None
+    request_id: str
+    duration: float
+
+
+Release = Callable[[], None]
+
+
+class CallGuard(Protocol):
+    """Decides whether a call may run (auth, limits); runs before the handler."""
+
+    def admit(self, call: Call) -> Release | None:
+        """Raise an :class:`OrderError` to refuse the call; return a callback to run when it ends, if any."""
+
+
+CallObserver = Callable[[CallRecord], None]
+
+
+def log_access(record: CallRecord) -> None:
+    """The default observer: one access-log line per call."""
+    access_log.info(
+        "%s %s peer=%s request_id=%s %.1fms",
+        record.method,
+        record.code,
+        record.peer,
+        record.request_id,
+        record.duration * 1000,
+    )
+
+
+class CallMiddleware:
+    """Wraps every call of a grpclib server: request id, admission guards, error mapping, observers
+    (access log, metrics), and drain tracking."""
+
+    def __init__(self, guards: Sequence[CallGuard] = (), observers: Sequence[CallObserver] = (log_access,)) -> None:
         self.draining = False
+        self._guards = list(guards)
+        self._observers = list(observers)
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -97,17 +150,24 @@ class CallMiddleware:
     async def _wrap_call(self, event: RecvRequest) -> None:
         handler = event.method_func
         method = event.method_name
-        request_id = str(event.metadata.get(REQUEST_ID_HEADER) or uuid.uuid4().hex[:16])
-        peer = event.peer.addr() if event.peer is not None else None
+        metadata = event.metadata
+        request_id = str(metadata.get(REQUEST_ID_HEADER) or uuid.uuid4().hex[:16])
+        peer = event.peer
 
         async def handle(stream: Stream[Any, Any]) -> None:
             started = time.perf_counter()
             code = "OK"
+            releases: list[Release] = []
             self._in_flight += 1
             self._idle.clear()
             try:
                 if self.draining:
                     raise GRPCError(Status.UNAVAILABLE, "the server is shutting down; retry on another server or later")
+                call = Call(method, metadata, peer, request_id, stream)
+                for guard in self._guards:
+                    release = guard.admit(call)
+                    if release is not None:
+                        releases.append(release)
                 await handler(stream)
             except GRPCError as exc:
                 code = exc.status.name
@@ -125,16 +185,15 @@ class CallMiddleware:
                     Status.INTERNAL, f"internal server error; the server log has details under request id {request_id}"
                 ) from None
             finally:
+                for release in releases:
+                    release()
                 self._in_flight -= 1
                 if not self._in_flight:
                     self._idle.set()
-                access_log.info(
-                    "%s %s peer=%s request_id=%s %.1fms",
-                    method,
-                    code,
-                    peer,
-                    request_id,
-                    (time.perf_counter() - started) * 1000,
+                record = CallRecord(
+                    method, code, peer.addr() if peer is not None else None, request_id, time.perf_counter() - started
                 )
+                for observe in self._observers:
+                    observe(record)
 
         event.method_func = handle

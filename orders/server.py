@@ -8,11 +8,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from grpclib.health.service import Health
 from grpclib.health.v1 import health_pb2
@@ -23,8 +21,9 @@ from grpclib.server import Server
 
 from orders._proto.google_proto_descriptor_pool import default_google_proto_descriptor_pool
 from orders.calls import CallMiddleware, StrictProtoCodec
+from orders.config import ServerConfig, add_server_arguments, config_from_args
 from orders.service import OrderService, new_feed
-from orders.storage import DEFAULT_DB_URL, Storage
+from orders.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -33,61 +32,6 @@ _DESCRIPTORS = default_google_proto_descriptor_pool
 for _module in (health_pb2, reflection_v1_pb2, reflection_v1alpha_pb2):
     _DESCRIPTORS.AddSerializedFile(_module.DESCRIPTOR.serialized_pb)
 _REFLECTION_SERVICES = ("grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection")
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """Everything ``orders serve`` can be told; each field has an ``ORDERS_*`` environment twin."""
-
-    host: str = "127.0.0.1"
-    port: int = 50051
-    db: str = DEFAULT_DB_URL
-    log_level: str = "info"
-    grace: float = 10.0
-
-
-def add_server_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the server flags, each defaulting to its ORDERS_* environment variable."""
-    defaults = ServerConfig()
-
-    def env(name: str, default: object) -> str:
-        return os.environ.get(f"ORDERS_{name.upper()}", str(default))
-
-    parser.add_argument(
-        "--host",
-        default=env("host", defaults.host),
-        help="address to bind (ORDERS_HOST; default %(default)s; 0.0.0.0 or :: to serve a network)",
-    )
-    parser.add_argument(
-        "--port",
-        type=int,
-        default=env("port", defaults.port),
-        help="port, 0 picks a free one (ORDERS_PORT; default %(default)s)",
-    )
-    parser.add_argument(
-        "--db",
-        default=env("db", defaults.db),
-        help="database URL in playhouse.db_url form (ORDERS_DB; default %(default)s)",
-    )
-    parser.add_argument(
-        "--log-level",
-        default=env("log_level", defaults.log_level),
-        choices=["debug", "info", "warning", "error"],
-        help="log level (ORDERS_LOG_LEVEL; default %(default)s)",
-    )
-    parser.add_argument(
-        "--grace",
-        type=float,
-        default=env("grace", defaults.grace),
-        help="seconds to let in-flight calls finish on shutdown (ORDERS_GRACE; default %(default)s)",
-    )
-
-
-def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    """The ServerConfig described by parsed server flags."""
-    return ServerConfig(
-        host=args.host, port=int(args.port), db=args.db, log_level=args.log_level, grace=float(args.grace)
-    )
 
 
 class OrderServer:
