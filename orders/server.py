@@ -20,7 +20,7 @@ from grpclib.reflection.v1alpha import reflection_pb2 as reflection_v1alpha_pb2
 from grpclib.server import Server
 
 from orders._proto.google_proto_descriptor_pool import default_google_proto_descriptor_pool
-from orders.calls import CallMiddleware, StrictProtoCodec
+from orders.calls import CallGuard, CallMiddleware, CallObserver, StrictProtoCodec, log_access
 from orders.config import ServerConfig, add_server_arguments, config_from_args
 from orders.service import OrderService, new_feed
 from orders.storage import Storage
@@ -47,7 +47,9 @@ class OrderServer:
         handlers = ServerReflection.extend(services, pool=_DESCRIPTORS)
         for reflection in handlers[len(services) :]:  # list the reflection services too, as grpcio servers do
             reflection._service_names = [*reflection._service_names, *_REFLECTION_SERVICES]
-        self._calls = CallMiddleware()
+        guards: list[CallGuard] = []  # admission: auth, limits
+        observers: list[CallObserver] = [log_access]  # access log, metrics
+        self._calls = CallMiddleware(guards, observers)
         self._server = Server(handlers, codec=StrictProtoCodec())
         self._calls.install(self._server)
         self.port = 0
