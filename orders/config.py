@@ -56,6 +56,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together: give both or neither")
+        if self.retention_events < 0:
+            raise ValueError(f"--retention-events must be 0 (keep every event) or more, not {self.retention_events}")
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:

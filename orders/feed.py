@@ -4,7 +4,9 @@ The database's event log is the truth. One tailer task per process reads new eve
 (woken by local writes, and by a short poll for writes made by other processes), renders each event
 once, and offers it to every matching watcher's bounded queue. A watcher whose queue overflows is not
 dropped and never slows the tailer: it drops its queue, catches up from the database, and rejoins the
-live queue; sequence numbers make the seams free of gaps and duplicates.
+live queue; sequence numbers make the seams free of gaps and duplicates. When the log keeps only its
+newest events (retention), a stream that needs events already pruned ends with OUT_OF_RANGE instead
+of skipping them.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ async def _wait(event: asyncio.Event, timeout: float | None) -> bool:
 class _Watcher(Generic[T]):
     """One stream's mailbox: a bounded queue of (sequence, payload) plus a lag flag."""
 
-    __slots__ = ("order_ids", "pending", "capacity", "lagged", "closed", "wakeup")
+    __slots__ = ("order_ids", "pending", "capacity", "lagged", "closed", "wakeup", "live", "resume_after")
 
     def __init__(self, order_ids: frozenset[str], capacity: int) -> None:
         self.order_ids = order_ids
@@ -56,15 +58,31 @@ class _Watcher(Generic[T]):
         self.lagged = False
         self.closed = False
         self.wakeup = asyncio.Event()
+        # Set by the stream: True while it is served from ``pending`` (not catching up). Then every
+        # matching event older than the oldest queued one has been sent, so when it lags its catch-up
+        # may start at ``resume_after`` rather than at its last sent event, which for a filtered stream
+        # can be far older and already pruned by retention although nothing it wants was lost.
+        self.live = False
+        self.resume_after: int | None = None
 
     def offer(self, sequence: int, payload: T) -> None:
         if self.lagged:
             return
         if len(self.pending) >= self.capacity:
-            self.lagged = True
-            self.pending.clear()
-        else:
-            self.pending.append((sequence, payload))
+            self.fall_behind(sequence - 1)
+            return
+        self.pending.append((sequence, payload))
+        self.wakeup.set()
+
+    def fall_behind(self, sent_through: int) -> None:
+        """Send this watcher to the database; if it is live and its queue is empty, it has been sent
+        every matching event up to ``sent_through``."""
+        if self.lagged:
+            return
+        if self.live:
+            self.resume_after = self.pending[0][0] - 1 if self.pending else sent_through
+        self.lagged = True
+        self.pending.clear()
         self.wakeup.set()
 
     def close(self) -> None:
@@ -137,6 +155,8 @@ class Feed(Generic[T]):
 
     async def _publish_next_page(self) -> bool:
         events = await self._read_events(self.head, (), self._page_size)
+        if events and events[0].sequence > self.head + 1:
+            await self._check_retention_passed_the_tailer()
         for event in events:
             payload = self._render(event)
             for watcher in self._all_orders:
@@ -145,6 +165,24 @@ class Feed(Generic[T]):
                 watcher.offer(event.sequence, payload)
             self.head = event.sequence
         return len(events) == self._page_size
+
+    async def _check_retention_passed_the_tailer(self) -> None:
+        """The tailer's read skipped sequences: if retention pruned them before it read them, no watcher
+        got them live, so every watcher goes to the database, where the bounds check in :meth:`watch`
+        ends each one that needed them with OUT_OF_RANGE (one that did not, e.g. a live-only stream
+        opened past them, carries on). A gap the log never held (a rolled-back sequence on PostgreSQL)
+        passes the check: the log still reaches back to the tailer's head.
+        """
+        first, _ = await self._read_bounds()  # after the read: pruning only moves ``first`` forward
+        if self.head < first - 1:
+            log.warning(
+                "event-log retention pruned sequences %d to %d before this server published them; "
+                "every stream that needed them ends with OUT_OF_RANGE (raise --retention-events)",
+                self.head + 1,
+                first - 1,
+            )
+            for watcher in self._watchers:
+                watcher.fall_behind(self.head)
 
     def _register(self, watcher: _Watcher[T]) -> None:
         self._watchers.add(watcher)
@@ -166,22 +204,25 @@ class Feed(Generic[T]):
     async def watch(self, query: WatchQuery) -> AsyncIterator[T]:
         """Yield rendered updates for ``query``: replay from the log if asked, then live, forever."""
         watcher: _Watcher[T] = _Watcher(query.order_ids, self._queue_capacity)
-        self._register(watcher)
-        if self._closed:  # a call that slipped in while the server is shutting down
-            watcher.close()
         try:
+            first, head = await self._read_bounds()
             if query.after_sequence is None:
                 # Live only: skip everything already committed, even what the tailer has not published yet.
-                _, head = await self._read_bounds()
-                cursor, catching_up = max(self.head, head), False
+                cursor = max(self.head, head)
             else:
-                first, head = await self._read_bounds()
                 if not first - 1 <= query.after_sequence <= head:
                     raise OutOfRange(
                         f"after_sequence {query.after_sequence} is outside the retained event log, "
                         f"which holds sequences {first} to {head}; use a value from {first - 1} to {head}"
                     )
-                cursor, catching_up = query.after_sequence, True
+                cursor = query.after_sequence
+            # Registered only once the head is read, so a stream that counts as a watcher has been accepted
+            # and gets every change committed from then on. What the tailer published before this
+            # registration (but after ``cursor``) comes from the database: every stream starts catching up.
+            self._register(watcher)
+            if self._closed:  # a call that slipped in while the server is shutting down
+                watcher.close()
+            catching_up = True
             loop = asyncio.get_running_loop()
             last_sent = loop.time()
             while True:
@@ -189,13 +230,26 @@ class Feed(Generic[T]):
                     raise Unavailable(f"the server is shutting down; reconnect with after_sequence={cursor}")
                 if catching_up:
                     events = await self._read_events(cursor, query.order_ids, self._page_size)
+                    # Retention may have pruned events this stream still needs: it ends rather than skip
+                    # them. The bounds are read after the events: pruning only moves ``first`` forward,
+                    # so if the read missed anything (cursor < first - 1 as it ran), this sees it too.
+                    first, _ = await self._read_bounds()
+                    if cursor < first - 1:
+                        raise OutOfRange(
+                            f"this watcher fell behind the retained event log (it needs sequence {cursor + 1}, "
+                            f"the log now starts at {first}); resume with after_sequence >= {first - 1} "
+                            "or re-read state with ListOrders"
+                        )
                     for event in events:
                         cursor = event.sequence
                         yield self._render(event)
                     catching_up = len(events) == self._page_size
+                    watcher.live = not catching_up
                     last_sent = loop.time()
                 elif watcher.lagged:
-                    watcher.lagged, catching_up = False, True
+                    if watcher.resume_after is not None:
+                        cursor = max(cursor, watcher.resume_after)
+                    watcher.lagged, watcher.live, watcher.resume_after, catching_up = False, False, None, True
                 elif watcher.pending:
                     sequence, payload = watcher.pending.popleft()
                     if sequence > cursor:

@@ -6,7 +6,9 @@ The only module that touches both the generated messages and the domain. Errors 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from orders import domain, wire
 from orders._proto.orders.v1 import (
@@ -89,5 +91,19 @@ class OrderService(OrderServiceBase):
 
     async def order_status_stream(self, message: OrderStatusStreamRequest) -> AsyncIterator[StatusUpdate]:
         query = domain.parse_watch_query(message.order_ids, message.after_sequence, message.heartbeat_seconds)
-        async for update in self._feed.watch(query):
-            yield update
+        async with contextlib.aclosing(self._feed.watch(query)) as updates:  # see below
+            async for update in updates:
+                yield update
+
+    async def _call_rpc_handler_server_stream(self, handler: Callable[..., Any], stream: Any, request: Any) -> None:
+        """betterproto2's loop that sends a server stream, but closing the generator however it ends.
+
+        A client that cancels, hits its deadline or disconnects while the server waits to send (HTTP/2
+        flow control: the client stopped reading) cancels this task outside the generator. The base class
+        then just drops the generator, which its local variable keeps alive as long as the exception's
+        traceback lives (grpclib keeps it with the finished task): the generator's ``finally``, where the
+        feed unregisters the watcher, would run seconds later or only after a garbage collection.
+        """
+        async with contextlib.aclosing(handler(request)) as responses:
+            async for response in responses:
+                await stream.send_message(response)

@@ -30,6 +30,16 @@ SQLITE_PRAGMAS = {
     "busy_timeout": 10_000,
 }
 
+# Event-log retention (``retention_events = N > 0``) prunes in batches: the log holds from N up to
+# N + slack - 1 events, and the oldest ``slack`` are deleted together once that many are surplus. A
+# DELETE of a run of adjacent sequences touches a handful of table pages, where deleting one row per
+# append would dirty the oldest page (and an index page) in every commit and pay a statement each time;
+# the slack is 1/16 of N (so at most ~6 % more rows than asked), at least 1 (small logs stay exact) and
+# at most PRUNE_SLACK_MAX. One append deletes at most PRUNE_BATCH_MAX rows, so a restart with a much
+# smaller N trims the old surplus over the following writes instead of stalling one of them.
+PRUNE_SLACK_MAX = 1024
+PRUNE_BATCH_MAX = 4096
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -115,8 +125,13 @@ def now_us() -> int:
 class Repository:
     """Reads and writes orders, items, status events and idempotency keys in one database."""
 
-    def __init__(self, database: peewee.Database) -> None:
+    def __init__(self, database: peewee.Database, retention_events: int = 0) -> None:
+        if retention_events < 0:
+            raise ValueError(f"retention_events must be 0 (keep every event) or more, not {retention_events}")
         self.database = database
+        self.retention_events = retention_events
+        self.prune_slack = max(1, min(retention_events // 16, PRUNE_SLACK_MAX))
+        self._pruned_through: int | None = None  # writer thread only; None: not known yet
         self._models = {model: _bind(model, database) for model in MODELS}
         self._orders = self._models[OrderRow]
         self._items = self._models[ItemRow]
@@ -239,7 +254,29 @@ class Repository:
 
     def _append_event(self, order_id: str, previous: Status | None, status: Status, now: int) -> StatusEvent:
         sequence = self._events.insert(order_id=order_id, previous=previous, status=status, time_us=now).execute()
+        if self.retention_events:
+            self._prune(sequence)
         return StatusEvent(sequence, order_id, previous, status, now)
+
+    def _prune(self, head: int) -> None:
+        """Delete events older than the newest ``retention_events``, in the appending transaction.
+
+        Invariant: the head (the event just appended, in this same transaction) is never deleted, since
+        everything deleted is at most ``head - retention_events`` and ``retention_events >= 1``. So once
+        an event exists the log is never empty again, and sequence numbers are never reused: SQLite's
+        ``INTEGER PRIMARY KEY`` (peewee's AutoField, no AUTOINCREMENT) hands out MAX(sequence) + 1, which
+        would restart from a lower number if the newest events could be deleted.
+        """
+        e = self._events
+        if self._pruned_through is None:  # the first append since this process started
+            self._pruned_through = e.select(peewee.fn.MIN(e.sequence)).scalar() - 1
+        surplus_through = head - self.retention_events
+        if surplus_through - self._pruned_through < self.prune_slack:
+            return
+        through = min(surplus_through, self._pruned_through + PRUNE_BATCH_MAX)
+        e.delete().where(e.sequence <= through).execute()
+        # If this transaction rolls back, the rows stay and the next prune (``<= through``) takes them.
+        self._pruned_through = through
 
     # --- reads -------------------------------------------------------------------------------
 
@@ -299,11 +336,11 @@ class Repository:
 
     def log_bounds(self) -> tuple[int, int]:
         """(first retained sequence, head sequence) of the event log; (1, 0) when it is empty."""
-        first, head = (
-            self._events.select(peewee.fn.MIN(self._events.sequence), peewee.fn.MAX(self._events.sequence))
-            .tuples()
-            .get()
-        )
+        # Two scalar subqueries in one statement: one snapshot, and each is a single index lookup
+        # (SQLite scans the whole table for MIN and MAX in one select list).
+        e = self._events
+        bounds = peewee.Select(columns=[e.select(peewee.fn.MIN(e.sequence)), e.select(peewee.fn.MAX(e.sequence))])
+        first, head = bounds.bind(self.database).tuples().get()
         return (first or 1, head or 0)
 
 
@@ -324,9 +361,9 @@ def _call_translating_errors(fn: Callable[P, R], *args: P.args, **kwargs: P.kwar
 class Storage:
     """Runs repository calls off the event loop: one writer thread, one reader thread."""
 
-    def __init__(self, url: str = DEFAULT_DB_URL) -> None:
+    def __init__(self, url: str = DEFAULT_DB_URL, *, retention_events: int = 0) -> None:
         self.url = url
-        self.repository = Repository(open_database(url))
+        self.repository = Repository(open_database(url), retention_events)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="orders-db-writer")
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="orders-db-reader")
 
@@ -346,8 +383,20 @@ class Storage:
         """Create or check the schema."""
         await self.write(self.repository.migrate)
 
-    async def close(self) -> None:
-        """Close each thread's connection and stop the threads."""
+    async def close(self, timeout: float | None = None) -> bool:
+        """Close each thread's connection and stop the threads; False if that took over ``timeout`` s.
+
+        Work still running on a thread (a write waiting for another process's lock, say) is waited for
+        at most ``timeout`` s (None: as long as it takes). On False the threads are left to the end of the
+        process, where SQLite discards any transaction they had not committed, as after a crash.
+        """
+        try:
+            await asyncio.wait_for(self._close_threads(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def _close_threads(self) -> None:
         for executor in (self._writer, self._reader):
             await self._run(executor, self.repository.database.close)
             executor.shutdown(wait=True)
