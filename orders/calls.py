@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
+import os
+import re
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -31,9 +33,31 @@ from grpclib.server import Server, Stream
 from orders.errors import OrderError
 
 REQUEST_ID_HEADER = "x-request-id"
+_CLIENT_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,64}")  # printable ASCII, no spaces: safe in any log line
+_SERVER_REQUEST_IDS = itertools.count(1)
+_SERVER_REQUEST_ID_PREFIX = f"{os.getpid():x}-{os.urandom(3).hex()}-"
+
+
+def _request_id(sent: object) -> str:
+    """The client's x-request-id when it is short printable ASCII, else a fresh one unique to this process."""
+    if isinstance(sent, str) and _CLIENT_REQUEST_ID.fullmatch(sent):
+        return sent
+    return f"{_SERVER_REQUEST_ID_PREFIX}{next(_SERVER_REQUEST_IDS):x}"
+
 
 access_log = logging.getLogger("orders.access")
 log = logging.getLogger(__name__)
+
+
+MAX_STATUS_MESSAGE = 1000  # characters; at most ~9 KB on the wire, well under a client's 64 KiB header limit
+
+
+def clip_status_message(message: str) -> str:
+    """``message``, shortened if it is long: error messages quote client values, which may be megabytes, and
+    an oversized grpc-message trailer makes the client drop the whole connection instead of seeing the status."""
+    if len(message) <= MAX_STATUS_MESSAGE:
+        return message
+    return f"{message[: MAX_STATUS_MESSAGE - 50]}… (cut; {len(message):,} characters in all)"
 
 
 class StrictProtoCodec(ProtoCodec):
@@ -49,7 +73,7 @@ class StrictProtoCodec(ProtoCodec):
     def decode(self, data: bytes, message_type: Any) -> Any:
         try:
             if isinstance(message_type, type) and issubclass(message_type, betterproto2.Message):
-                _reject_mistyped_fields(_protobuf_class(message_type).FromString(data))
+                data = _checked(data, message_type)
             return super().decode(data, message_type)
         except Exception as exc:
             raise GRPCError(
@@ -63,12 +87,43 @@ def _protobuf_class(message_type: type[betterproto2.Message]) -> Any:
     return message_factory.GetMessageClass(message_type.DESCRIPTOR)
 
 
+_COMPACT_ABOVE = 1024  # bytes; a message this small decodes fast whatever it holds
+MAX_UNKNOWN_FIELD_BYTES = 64 * 1024
+_START_GROUP = 3  # protobuf wire type of a (proto2) group
+
+
+def _checked(data: bytes, message_type: type[betterproto2.Message]) -> bytes:
+    """Check ``data`` with upb (ValueError or DecodeError if it is not a valid message); return what
+    betterproto2 should decode.
+
+    A large message is handed on re-encoded without its unknown fields: betterproto2 takes quadratic time
+    over unknown fields (4 MiB of them: minutes on the event loop) and decodes every repeat of a scalar
+    field, where upb keeps the last. Unknown fields beyond MAX_UNKNOWN_FIELD_BYTES are refused: even
+    listing them (to find mistyped known fields) takes seconds.
+    """
+    parsed = _protobuf_class(message_type).FromString(data)
+    if len(data) <= _COMPACT_ABOVE:
+        _reject_mistyped_fields(parsed)
+        return data
+    known = type(parsed)()
+    known.CopyFrom(parsed)
+    known.DiscardUnknownFields()
+    unknown = parsed.ByteSize() - known.ByteSize()
+    if unknown > MAX_UNKNOWN_FIELD_BYTES:
+        raise ValueError(f"it has {unknown:,} bytes of unknown fields; {MAX_UNKNOWN_FIELD_BYTES:,} are accepted")
+    if unknown:
+        _reject_mistyped_fields(parsed)  # a known field with the wrong wire type is kept as an unknown one
+    return known.SerializeToString()  # type: ignore[no-any-return]
+
+
 def _reject_mistyped_fields(message: Message) -> None:
     """Raise ValueError if a declared field arrived with the wrong wire type (protobuf kept it as unknown)."""
     declared = message.DESCRIPTOR.fields_by_number
     for unknown in UnknownFieldSet(message):
         if unknown.field_number in declared:
             raise ValueError(f"field {declared[unknown.field_number].name} has the wrong wire type")
+        if unknown.wire_type == _START_GROUP:  # betterproto2 would read the group's fields as this message's own
+            raise ValueError(f"field {unknown.field_number} is a group, which proto3 messages do not have")
     for field, value in message.ListFields():
         if field.message_type is not None:
             for child in value if field.is_repeated else (value,):
@@ -122,12 +177,21 @@ def log_access(record: CallRecord) -> None:
     )
 
 
+def _address(peer: Peer | None) -> tuple[str, int] | None:
+    """The peer's address, or None if unknown (asyncio's SSL transport raises AttributeError once closed)."""
+    try:
+        return peer.addr() if peer is not None else None
+    except AttributeError:
+        return None
+
+
 class CallMiddleware:
     """Wraps every call of a grpclib server: request id, admission guards, error mapping, observers
     (access log, metrics), and drain tracking."""
 
     def __init__(self, guards: Sequence[CallGuard] = (), observers: Sequence[CallObserver] = (log_access,)) -> None:
         self.draining = False
+        self._grace_over = False
         self._guards = list(guards)
         self._observers = list(observers)
         self._in_flight = 0
@@ -139,11 +203,16 @@ class CallMiddleware:
         listen(server, RecvRequest, self._wrap_call)
 
     async def drain(self, timeout: float) -> bool:
-        """Refuse new calls with UNAVAILABLE and wait up to ``timeout`` s for the running ones."""
+        """Refuse new calls with UNAVAILABLE and wait up to ``timeout`` s for the running ones.
+
+        On False the caller cancels the calls still running (grpclib's ``Server.close``); each of them
+        then ends with UNAVAILABLE rather than a stream reset, since the server goes away.
+        """
         self.draining = True
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except asyncio.TimeoutError:
+            self._grace_over = True
             return False
         return True
 
@@ -151,8 +220,9 @@ class CallMiddleware:
         handler = event.method_func
         method = event.method_name
         metadata = event.metadata
-        request_id = str(metadata.get(REQUEST_ID_HEADER) or uuid.uuid4().hex[:16])
+        request_id = _request_id(metadata.get(REQUEST_ID_HEADER))
         peer = event.peer
+        address = _address(peer)  # now: once a TLS connection is gone, asking raises
 
         async def handle(stream: Stream[Any, Any]) -> None:
             started = time.perf_counter()
@@ -174,10 +244,18 @@ class CallMiddleware:
                 raise
             except OrderError as exc:
                 code = exc.code
-                raise GRPCError(Status[exc.code], exc.message) from None
+                raise GRPCError(Status[exc.code], clip_status_message(exc.message)) from None
             except asyncio.CancelledError:
-                code = "CANCELLED"
-                raise
+                if not self._grace_over:  # the client went away, or its deadline passed
+                    code = "CANCELLED"
+                    raise
+                code = "UNAVAILABLE"  # cancelled by the shutdown at the end of the grace period
+                raise GRPCError(
+                    Status.UNAVAILABLE,
+                    "the server shut down before this call finished; it may or may not have taken effect, "
+                    "so retry it on another server or later only where that is safe (same request_id, "
+                    "expected_version)",
+                ) from None
             except Exception:
                 code = "INTERNAL"
                 log.exception("request %s (%s) failed", request_id, method)
@@ -190,9 +268,7 @@ class CallMiddleware:
                 self._in_flight -= 1
                 if not self._in_flight:
                     self._idle.set()
-                record = CallRecord(
-                    method, code, peer.addr() if peer is not None else None, request_id, time.perf_counter() - started
-                )
+                record = CallRecord(method, code, address, request_id, time.perf_counter() - started)
                 for observe in self._observers:
                     observe(record)
 

@@ -9,9 +9,11 @@
     orders cancel ID
     orders watch [ID ...] --after-sequence 0
 
-Client commands talk to ``--target`` (default ``$ORDERS_TARGET``, else ``localhost:50051``) and print a
-readable rendering, or with ``--json`` one JSON object per line (the protobuf JSON mapping). Errors from
-the server print ``error: CODE: message`` on stderr and exit 1; usage errors exit 2; Ctrl-C exits 130.
+Client commands talk to ``--target`` (default ``$ORDERS_TARGET``, else ``localhost:50051``), with
+``--token`` (``$ORDERS_TOKEN``) as bearer token and over TLS with ``--ca-file`` (``$ORDERS_CA_FILE``) or
+``--tls`` (system trust store), and print a readable rendering, or with ``--json`` one JSON object per
+line (the protobuf JSON mapping). Errors from the server print ``error: CODE: message`` on stderr and exit 1;
+usage errors exit 2; Ctrl-C exits 130.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import betterproto2
 
 from orders import server as server_module
 from orders._proto.orders.v1 import Order, OrderStatus, StatusUpdate
+from orders.auth import check_token
 from orders.client import DEFAULT_TARGET, Item, OrderClient, parse_target
 from orders.errors import OrderError
 
@@ -76,6 +79,24 @@ def target_arg(text: str) -> str:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
+
+
+def readable_file(text: str) -> str:
+    """A path that can be opened for reading."""
+    try:
+        with open(text, "rb"):
+            pass
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {text!r}: {exc.strerror or exc}") from None
+    return text
+
+
+def token_arg(text: str) -> str:
+    """A bearer token that can be sent as metadata (the message never repeats it)."""
+    try:
+        return check_token(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def non_negative_int(text: str) -> int:
@@ -222,21 +243,29 @@ async def cmd_watch(client: OrderClient, args: argparse.Namespace, out: Output) 
 
 async def run_client_command(handler: Handler, args: argparse.Namespace) -> None:
     """Connect to ``--target`` and run one command's handler."""
-    async with OrderClient(args.target, timeout=args.timeout) as client:
+    async with connect(args.target, args) as client:
         await handler(client, args, Output(as_json=args.json))
+
+
+def connect(target: str, args: argparse.Namespace) -> OrderClient:
+    """An OrderClient for ``target`` with the command's ``--timeout`` and security options."""
+    return OrderClient(target, timeout=args.timeout, token=args.token, ca_file=args.ca_file, tls=args.tls)
 
 
 # --- demo ------------------------------------------------------------------------------------------------
 
 
 @asynccontextmanager
-async def demo_target(target: str | None) -> AsyncIterator[str]:
-    """Yield ``target``, or start an embedded server on a temporary database and yield its address."""
+async def demo_target(target: str | None, token: str | None = None) -> AsyncIterator[str]:
+    """Yield ``target``, or start an embedded server on a temporary database and yield its address.
+
+    The embedded server serves plaintext; it requires ``token`` when one is given.
+    """
     if target is not None:
         yield target
         return
     with tempfile.TemporaryDirectory(prefix="orders-demo-") as tmpdir:
-        config = server_module.ServerConfig(port=0, db=f"sqlite:///{tmpdir}/orders.db", grace=1.0)
+        config = server_module.ServerConfig(port=0, db=f"sqlite:///{tmpdir}/orders.db", grace=1.0, token=token)
         async with server_module.OrderServer(config) as embedded:
             print(f"Started an embedded server on port {embedded.port} (database {config.db})", flush=True)
             yield f"127.0.0.1:{embedded.port}"
@@ -375,7 +404,9 @@ async def run_status_changes(
 
 async def demo(args: argparse.Namespace) -> None:
     """``orders demo``: run the demo against ``--target`` or an embedded server."""
-    async with demo_target(args.target) as target, OrderClient(target, timeout=args.timeout) as client:
+    if args.target is None and (args.ca_file or args.tls):
+        raise DemoFailed("--ca-file and --tls need --target: the embedded server serves plaintext")
+    async with demo_target(args.target, args.token) as target, connect(target, args) as client:
         await run_demo(client)
 
 
@@ -385,7 +416,7 @@ async def demo(args: argparse.Namespace) -> None:
 def serve(args: argparse.Namespace) -> None:
     """``orders serve``: exactly ``python -m orders.server``."""
     config = server_module.config_from_args(args)
-    server_module.configure_logging(config.log_level)
+    server_module.configure_logging(config.log_level, config.log_format)
     asyncio.run(server_module.serve(config))
 
 
@@ -403,7 +434,29 @@ def client_options() -> argparse.ArgumentParser:
     )
     parent.add_argument("--json", action="store_true", help="print one JSON object per line")
     parent.add_argument("--timeout", type=positive_float, default=10.0, help="seconds per call (default %(default)s)")
+    add_security_options(parent)
     return parent
+
+
+def add_security_options(parser: argparse.ArgumentParser) -> None:
+    """``--token``, ``--ca-file`` and ``--tls``, with their environment twins."""
+    # argparse runs ``type`` on a string default too, so a bad ORDERS_* value is a usage error like a bad flag.
+    parser.add_argument(
+        "--token",
+        type=token_arg,
+        default=os.environ.get("ORDERS_TOKEN") or None,
+        help="bearer token sent with every call (ORDERS_TOKEN; prefer the variable: flags show up in ps)",
+    )
+    parser.add_argument(
+        "--ca-file",
+        type=readable_file,
+        default=os.environ.get("ORDERS_CA_FILE") or None,
+        metavar="PEM",
+        help="use TLS and trust the server's certificate if this CA signed it (ORDERS_CA_FILE)",
+    )
+    parser.add_argument(
+        "--tls", action="store_true", help="use TLS, verifying the server against the system trust store"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -430,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument(
         "--timeout", type=positive_float, default=10.0, help="seconds per call (default %(default)s)"
     )
+    add_security_options(demo_parser)
     demo_parser.set_defaults(run=lambda args: asyncio.run(demo(args)))
 
     create = client_command("create", cmd_create, "create an order")

@@ -5,6 +5,13 @@
         async for update in orders.watch([order.id]):
             ...
 
+Security: ``token="…"`` sends ``authorization: Bearer …`` with every call (streams included);
+``ca_file="ca.pem"`` turns TLS on and trusts that CA, ``tls=True`` turns TLS on with the system
+trust store, and ``tls=`` an :class:`ssl.SSLContext` uses that context as it is:
+
+    async with OrderClient("orders.example.com:443", token=os.environ["ORDERS_TOKEN"], ca_file="ca.pem") as c:
+        ...
+
 Every call has a deadline (``timeout``, default 10 s, shared by its retries). Calls that are safe to
 repeat are retried with exponential backoff when the server is unreachable or UNAVAILABLE: reads,
 creates (each carries a ``request_id``, generated when not given, so a retry never makes a second
@@ -16,13 +23,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
+import ssl
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
 from grpclib.client import Channel
+from grpclib.events import SendRequest, listen
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.metadata import Deadline
 
@@ -40,6 +50,7 @@ from orders._proto.orders.v1 import (
     StatusUpdate,
     UpdateOrderStatusRequest,
 )
+from orders.auth import add_token, check_token, client_ssl_context, is_loopback, keep_headers_out_of_logs
 from orders.errors import DeadlineExceeded, OrderError, Unavailable, error_for
 
 R = TypeVar("R")
@@ -84,6 +95,11 @@ def _as_error(exc: BaseException) -> OrderError:
         return error_for(exc.status.name, exc.message or exc.status.name)
     if isinstance(exc, asyncio.TimeoutError):  # grpclib's client-side deadline (an OSError on 3.11+)
         return DeadlineExceeded(f"the call did not finish before its deadline: {exc}")
+    if isinstance(exc, ssl.SSLError):
+        return Unavailable(
+            f"TLS handshake with the server failed: {exc}"
+            " (does the server serve TLS, and is the client's CA file the one that signed its certificate?)"
+        )
     return Unavailable(f"cannot reach the server: {exc}")
 
 
@@ -91,12 +107,26 @@ _TRANSPORT_ERRORS = (GRPCError, StreamTerminatedError, ConnectionError, OSError)
 
 
 class OrderClient:
-    """An async client of the orders service; use it as ``async with OrderClient(target) as c``."""
+    """An async client of the orders service; use it as ``async with OrderClient(target) as c``.
+
+    ``token``: a bearer token, sent as ``authorization: Bearer <token>`` metadata on every call; a server
+    started with ``--token`` refuses calls without it (:class:`orders.errors.Unauthenticated`). Without TLS
+    the token crosses the network in clear text, so give a CA or ``tls=True`` for any remote server.
+
+    ``ca_file``: path of a PEM file of CA certificates; turns TLS on and verifies the server against them.
+    ``tls``: ``True`` turns TLS on with the system trust store; an :class:`ssl.SSLContext` is used as given
+    (offer ALPN ``h2`` in it). Both off (the default): plaintext HTTP/2. The server's certificate must name
+    the target's host. TLS failures (untrusted certificate, plaintext server) raise
+    :class:`orders.errors.Unavailable` promptly.
+    """
 
     def __init__(
         self,
         target: str = DEFAULT_TARGET,
         *,
+        token: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
+        tls: bool | ssl.SSLContext = False,
         timeout: float | None = 10.0,
         retry: RetryPolicy = RetryPolicy(),
     ) -> None:
@@ -104,7 +134,21 @@ class OrderClient:
         self.timeout = timeout
         self.retry = retry
         host, port = parse_target(target)
-        self._channel = Channel(host, port)
+        if isinstance(tls, ssl.SSLContext):
+            if ca_file is not None:
+                raise ValueError("give ca_file or an SSLContext as tls, not both")
+            context: ssl.SSLContext | None = tls
+        else:
+            context = client_ssl_context(ca_file) if tls or ca_file is not None else None
+        self.tls = context is not None
+        if token is not None:
+            check_token(token)
+            keep_headers_out_of_logs()
+            if context is None and not is_loopback(host):
+                log.warning("sending a bearer token to %s without TLS: it can be read on the network", target)
+        self._channel = Channel(host, port, ssl=context)
+        if token is not None:
+            listen(self._channel, SendRequest, add_token(token))  # every call, unary and streaming
         self._stub = OrderServiceStub(self._channel)
 
     async def __aenter__(self) -> OrderClient:

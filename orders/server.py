@@ -8,24 +8,33 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
 
 from grpclib.health.service import Health
 from grpclib.health.v1 import health_pb2
+from grpclib.protocol import H2Protocol
 from grpclib.reflection.service import ServerReflection
 from grpclib.reflection.v1 import reflection_pb2 as reflection_v1_pb2
 from grpclib.reflection.v1alpha import reflection_pb2 as reflection_v1alpha_pb2
 from grpclib.server import Server
 
+from orders import _grpclib_fixes  # noqa: F401  (ignore unknown HTTP/2 frame types)
 from orders._proto.google_proto_descriptor_pool import default_google_proto_descriptor_pool
+from orders.auth import SecurityConfigError, TokenGuard, keep_headers_out_of_logs, server_ssl_context
 from orders.calls import CallGuard, CallMiddleware, CallObserver, StrictProtoCodec, log_access
 from orders.config import ServerConfig, add_server_arguments, config_from_args
+from orders.limits import MessageSizeLimit, StreamLimits
+from orders.observability import Metrics, log_access_json, use_json_logging
 from orders.service import OrderService, new_feed
 from orders.storage import Storage
 
 log = logging.getLogger(__name__)
+
+AFTER_GRACE = 0.5  # seconds each step of a shutdown still gets once the grace period is used up
+LINGER = 0.2  # seconds a drained server keeps refusing calls before it closes the connections
 
 # Reflection serves our own descriptors plus grpc.health.v1 and itself, so grpcurl needs no proto files.
 _DESCRIPTORS = default_google_proto_descriptor_pool
@@ -39,7 +48,7 @@ class OrderServer:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.storage = Storage(config.db)
+        self.storage = Storage(config.db, retention_events=config.retention_events)
         self.feed = new_feed(self.storage)
         self.service = OrderService(self.storage, self.feed)
         self.health = Health({self.service: []})  # SERVING for "" and for orders.v1.OrderService
@@ -48,30 +57,83 @@ class OrderServer:
         for reflection in handlers[len(services) :]:  # list the reflection services too, as grpcio servers do
             reflection._service_names = [*reflection._service_names, *_REFLECTION_SERVICES]
         guards: list[CallGuard] = []  # admission: auth, limits
-        observers: list[CallObserver] = [log_access]  # access log, metrics
+        if config.token is not None:  # first, so no other guard spends anything on an unauthenticated call
+            guards.append(TokenGuard(config.token))
+        keep_headers_out_of_logs()  # clients may send tokens even when this server wants none
+        # Built now, so unreadable or mismatched files fail before anything starts.
+        self._ssl = server_ssl_context(config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key else None
+        self.stream_limits = StreamLimits(config.max_watchers, config.max_streams_per_connection)
+        guards += [self.stream_limits, MessageSizeLimit(config.max_message_bytes)]
+        observers: list[CallObserver] = [log_access_json if config.log_format == "json" else log_access]
+        self.metrics: Metrics | None = None  # Prometheus, with --metrics-port
+        if config.metrics_port is not None:
+            self.metrics = Metrics(self.feed, (path for handler in handlers for path in handler.__mapping__()))
+            observers.append(self.metrics.observe)
+        self.metrics_port: int | None = None
         self._calls = CallMiddleware(guards, observers)
         self._server = Server(handlers, codec=StrictProtoCodec())
         self._calls.install(self._server)
+        self._connections: set[H2Protocol] = set()  # the open ones, to close them on stop()
+        make_protocol = self._server._protocol_factory
+
+        def protocol_factory() -> H2Protocol:
+            protocol = make_protocol()
+            self._connections.add(protocol)
+            protocol_lost = protocol.connection_lost
+
+            def connection_lost(exc: BaseException | None) -> None:
+                self._connections.discard(protocol)
+                protocol_lost(exc)
+
+            protocol.connection_lost = connection_lost  # type: ignore[method-assign]
+            return protocol
+
+        self._server._protocol_factory = protocol_factory  # type: ignore[method-assign]
         self.port = 0
+        self.abandoned_database_work = False  # set by stop() when a storage thread would not finish
 
     async def start(self) -> int:
         """Open the database, start serving, and return the port actually bound."""
         await self.storage.open()
         await self.feed.start()
-        await self._server.start(self.config.host, self.config.port)
+        if self.metrics is not None and self.config.metrics_port is not None:
+            self.metrics_port = self.metrics.start(self.config.host, self.config.metrics_port)
+        await self._server.start(self.config.host, self.config.port, ssl=self._ssl)
         sockets = self._server._server.sockets if self._server._server else ()
         self.port = sockets[0].getsockname()[1] if sockets else self.config.port
         return self.port
 
     async def stop(self) -> None:
         """Drain: refuse new calls, end streams with UNAVAILABLE, let unary calls finish, close the database."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.grace
         self._server._server.close()  # stop accepting connections
         await self.feed.close()
         if not await self._calls.drain(self.config.grace):
             log.warning("calls still running after %.1fs grace; cancelling them", self.config.grace)
-        self._server.close()
-        await self._server.wait_closed()
-        await self.storage.close()
+        self._server.close()  # cancels the calls still running: each ends with UNAVAILABLE
+        await self._calls.drain(AFTER_GRACE)
+        # Linger a moment first, so that a call sent just as the last one was answered is refused with
+        # UNAVAILABLE (clearly not done, safe to retry) instead of being cut off with its connection.
+        if self._connections:
+            await asyncio.sleep(min(LINGER, max(deadline - loop.time(), 0.0)))
+        # Then close the clients' connections, which a client may keep open forever: since Python 3.12.1
+        # asyncio's Server.wait_closed (under grpclib's) waits until every connection has ended.
+        for protocol in list(self._connections):
+            connection = getattr(protocol, "connection", None)
+            if connection is not None:
+                connection.close()
+        try:
+            await asyncio.wait_for(self._server.wait_closed(), max(deadline - loop.time(), AFTER_GRACE))
+        except asyncio.TimeoutError:
+            log.warning("connections still open after the grace period; leaving them to the process exit")
+        # A cancelled call's database work may still hold a storage thread (a write waiting for another
+        # process's lock waits out SQLite's busy timeout): give it what is left of the grace period only.
+        if not await self.storage.close(timeout=max(deadline - loop.time(), AFTER_GRACE)):
+            log.warning("database work of cancelled calls still running; abandoning it")
+            self.abandoned_database_work = True
+        if self.metrics is not None:
+            await self.metrics.stop()
 
     async def __aenter__(self) -> OrderServer:
         await self.start()
@@ -87,16 +149,27 @@ async def serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    async with OrderServer(config) as server:
+    try:
+        order_server = OrderServer(config)
+    except SecurityConfigError as exc:  # a bad token, certificate or key: one clear line, no traceback
+        raise SystemExit(f"orders serve: {exc}") from None
+    async with order_server as server:
         print(f"Server started on port {server.port}", flush=True)
         await stop.wait()
         log.info("shutting down")
     log.info("stopped")
+    if order_server.abandoned_database_work:
+        # The interpreter would join the stuck storage thread at exit (up to the busy timeout, or forever
+        # on a hung connection). Nothing acknowledged depends on it: end the process now, still exit 0.
+        logging.shutdown()
+        os._exit(0)
 
 
-def configure_logging(level: str) -> None:
-    """Log to stderr at ``level``."""
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """Log to stderr at ``level``: text lines, or (``json``) one JSON object per line."""
     logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if log_format == "json":
+        use_json_logging()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -104,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="orders serve", description="Run the orders gRPC server.")
     add_server_arguments(parser)
     config = config_from_args(parser.parse_args(argv))
-    configure_logging(config.log_level)
+    configure_logging(config.log_level, config.log_format)
     asyncio.run(serve(config))
 
 
