@@ -7,9 +7,11 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 START_TIMEOUT = 20.0
+STOP_TIMEOUT = 15.0
 
 
 def free_port() -> int:
@@ -19,17 +21,35 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``python -m orders.server`` on a fixed port and SQLite file; stderr goes to a log file."""
+    """``python -m orders.server`` on a fixed port and SQLite file; stderr goes to a log file.
 
-    def __init__(self, tmp_path: Path, port: int | None = None) -> None:
+    ``args`` are extra server flags (e.g. ``["--grace", "1"]``), ``env`` extra environment variables;
+    both apply to every (re)start.
+    """
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        port: int | None = None,
+        *,
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.port = port or free_port()
-        self.db = f"sqlite:///{tmp_path / 'o.db'}"
+        self.db_path = tmp_path / "o.db"
+        self.db = f"sqlite:///{self.db_path}"
         self.log = tmp_path / "server.log"
+        self.args = list(args)
+        self.env = dict(env or {})
         self.process: asyncio.subprocess.Process | None = None
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.returncode is None
 
     async def start(self) -> None:
         with self.log.open("ab") as log:
@@ -41,9 +61,10 @@ class ServerProcess:
                 str(self.port),
                 "--db",
                 self.db,
+                *self.args,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=log,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
             )
         assert self.process.stdout is not None
         try:
@@ -52,18 +73,28 @@ class ServerProcess:
             raise AssertionError(f"the server did not start; log:\n{self.log.read_text()}") from None
         assert line.decode().strip() == f"Server started on port {self.port}", (line, self.log.read_text())
 
-    async def stop(self) -> int:
-        """SIGTERM, and the exit code."""
+    def send_signal(self, signum: int) -> None:
+        """Send ``signum`` to the server process without waiting."""
         assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
+        self.process.send_signal(signum)
+
+    async def wait(self, timeout: float = STOP_TIMEOUT) -> int:
+        """Wait up to ``timeout`` s for the process to exit and return its exit code; on timeout kill it
+        and fail."""
+        assert self.process is not None
         try:
-            return await asyncio.wait_for(self.process.wait(), 15)
+            return await asyncio.wait_for(self.process.wait(), timeout)
         except asyncio.TimeoutError:
-            self.process.kill()
-            await self.process.wait()
-            raise AssertionError(f"the server did not stop on SIGTERM; log:\n{self.log.read_text()}") from None
+            await self.kill()
+            raise AssertionError(f"the server did not exit within {timeout}s; log:\n{self.log.read_text()}") from None
+
+    async def stop(self, signum: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
+        """SIGTERM (or ``signum``), and the exit code."""
+        self.send_signal(signum)
+        return await self.wait(timeout)
 
     async def kill(self) -> None:
+        """SIGKILL (``kill -9``): no shutdown code runs, like a crash or power cut of the process."""
         if self.process is not None and self.process.returncode is None:
             self.process.kill()
             await self.process.wait()
