@@ -470,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
+    commands.add_parser("bench", help="run the benchmark (see python -m bench --help)", add_help=False)
     serve_parser = commands.add_parser("serve", help="run the server", description="Run the orders gRPC server.")
     server_module.add_server_arguments(serve_parser)
     serve_parser.set_defaults(run=serve)
@@ -555,7 +556,12 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``orders`` console script and ``python -m orders``."""
-    sys.exit(run(build_parser().parse_args(argv)))
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["bench"]:  # the benchmark has its own command line (python -m bench)
+        from bench import main as bench_main
+
+        sys.exit(bench_main(args[1:]))
+    sys.exit(run(build_parser().parse_args(args)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,198 @@
+"""Server subprocesses: start one, learn its port, sample its memory and CPU, stop it.
+
+Memory is read from ``/proc/<pid>/status`` (VmRSS) and CPU time from ``/proc/<pid>/stat``, summed
+over the process and its descendants (so a future ``--workers N`` server is measured whole); no
+psutil needed. On a system without ``/proc`` the samples are simply missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_STARTED = re.compile(rb"Server started on port (\d+)")
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+class ServerFailed(RuntimeError):
+    """The server process exited or never said it had started; the message carries its stderr."""
+
+
+@dataclass
+class ServerProcess:
+    """A server started as ``python -m <module> <args>``, waiting for ``Server started on port N``."""
+
+    module: str
+    args: Sequence[str]
+    log_path: Path
+    startup_timeout: float = 60.0
+    process: subprocess.Popen[bytes] | None = None
+    port: int = 0
+
+    def start(self) -> int:
+        """Start the process and return its port; ServerFailed with its log if it does not come up."""
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", self.module, *self.args],
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            stdin=subprocess.DEVNULL,
+        )
+        port: list[int] = []
+
+        def read_port() -> None:
+            assert self.process is not None and self.process.stdout is not None
+            for line in self.process.stdout:
+                match = _STARTED.search(line)
+                if match:
+                    port.append(int(match.group(1)))
+                    break
+            # keep draining stdout so the server never blocks on a full pipe
+            for _ in self.process.stdout:
+                pass
+
+        threading.Thread(target=read_port, name=f"{self.module}-stdout", daemon=True).start()
+        deadline = time.monotonic() + self.startup_timeout
+        while not port:
+            if self.process.poll() is not None:
+                raise ServerFailed(f"{self.module} exited with status {self.process.returncode}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServerFailed(
+                    f"{self.module} did not start within {self.startup_timeout:.0f}s:\n{self.log_tail()}"
+                )
+            time.sleep(0.02)
+        self.port = port[0]
+        return self.port
+
+    @property
+    def pid(self) -> int:
+        """The process id (the server's top process)."""
+        assert self.process is not None
+        return self.process.pid
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last lines the process wrote to stderr."""
+        with contextlib.suppress(OSError):
+            self._log.flush()
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM, wait up to ``timeout`` s, then SIGKILL; return the exit status."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        with contextlib.suppress(OSError):
+            self._log.close()
+        return self.process.returncode
+
+    def __enter__(self) -> ServerProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (via /proc/<pid>/task/<tid>/children); just ``[pid]`` if unreadable."""
+    found = [pid]
+    index = 0
+    while index < len(found):
+        current = found[index]
+        index += 1
+        try:
+            tasks = os.listdir(f"/proc/{current}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{current}/task/{tid}/children") as children:
+                    found.extend(int(child) for child in children.read().split())
+            except OSError:
+                continue
+    return found
+
+
+def rss_bytes(pid: int) -> int:
+    """VmRSS of one process in bytes (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process in seconds (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # after the ")" closing the command name: state is field 3, utime 14, stime 15 (1-based)
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+@dataclass
+class ResourceSampler:
+    """Samples a process tree's RSS every ``interval`` s on a thread, and its CPU time on demand."""
+
+    pid: int
+    interval: float = 0.1
+    peak_rss: int = 0
+    last_rss: int = 0
+    processes: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def sample(self) -> None:
+        """Take one RSS sample now."""
+        pids = process_tree(self.pid)
+        self.processes = max(self.processes, len(pids))
+        self.last_rss = sum(rss_bytes(p) for p in pids)
+        self.peak_rss = max(self.peak_rss, self.last_rss)
+
+    def cpu(self) -> float:
+        """CPU seconds used so far by the process tree."""
+        return sum(cpu_seconds(p) for p in process_tree(self.pid))
+
+    def start(self) -> None:
+        """Start sampling in the background."""
+        self.sample()
+
+        def run() -> None:
+            while not self._stop.wait(self.interval):
+                self.sample()
+
+        self._thread = threading.Thread(target=run, name="rss-sampler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop sampling (after one last sample)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.sample()

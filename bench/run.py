@@ -1,0 +1,513 @@
+"""The ``python -m bench`` command: start servers, drive every scenario, write the report.
+
+Each scenario gets a fresh orders server (``python -m orders.server``) on a fresh copy of one
+preloaded database, so scenarios do not inherit each other's rows, caches or memory; the baseline
+server (``python -m bench.baseline``) is driven first by the same load generator with the same
+concurrency. Server memory and CPU are sampled from /proc while each scenario runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import multiprocessing
+import shlex
+import shutil
+import sqlite3
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import report
+from bench.load import LoadResult, drive, split
+from bench.preload import PreloadResult, preload
+from bench.procs import ResourceSampler, ServerFailed, ServerProcess
+from bench.scenarios import UNARY_SCENARIOS, ScenarioData
+from bench.watch import (
+    WatcherResult,
+    WatcherSpec,
+    WriterSpec,
+    publish_final_head,
+    run_watchers,
+    run_watchers_blocking,
+    run_writer_blocking,
+)
+
+ALL_SCENARIOS = (*UNARY_SCENARIOS, "watch")
+HOST = "127.0.0.1"
+H2_MAX_STREAMS = 100  # concurrent streams an h2 (grpclib) server allows per connection
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark the orders server against a trivial grpclib service measured in the same run.",
+    )
+    add = parser.add_argument
+    add("--scenarios", default=",".join(ALL_SCENARIOS), help="comma-separated, from: " + ", ".join(ALL_SCENARIOS))
+    add("--concurrency", type=int, default=32, help="closed-loop callers (default: %(default)s)")
+    add("--duration", type=float, default=10.0, help="measured seconds per scenario (default: %(default)s)")
+    add("--warmup", type=float, default=2.0, help="unmeasured seconds before each window (default: %(default)s)")
+    add("--channels", type=int, default=1, help="HTTP/2 connections the callers share (default: %(default)s)")
+    add("--procs", type=int, default=1, help="load-generator processes the callers are split over (default: 1)")
+    add(
+        "--client",
+        choices=["upb", "stub"],
+        default="upb",
+        help="upb: protobuf-runtime messages, cheap for the generator; stub: the generated betterproto2 "
+        "OrderServiceStub (default: %(default)s)",
+    )
+    add("--orders", type=int, default=10_000, help="orders preloaded for get/list/update/mixed/watch (default: 10000)")
+    add("--list-mode", choices=["random", "first"], default="random", help="list: a random page or the first page")
+    add("--no-request-ids", action="store_true", help="create without a request_id (OrderClient always sends one)")
+    add("--watchers", type=int, default=1000, help="watch: concurrent watchers (default: %(default)s)")
+    add("--updates-per-second", type=float, default=1000.0, help="watch: status changes per second (default: 1000)")
+    add("--watch-procs", type=int, default=1, help="watch: processes the watchers are split over (default: 1)")
+    add(
+        "--watch-streams-per-connection",
+        type=int,
+        default=H2_MAX_STREAMS,
+        help=f"watch: watchers per HTTP/2 connection, at most {H2_MAX_STREAMS} (default: %(default)s)",
+    )
+    add("--watch-drain", type=float, default=10.0, help="watch: seconds watchers may take to catch up at the end")
+    add("--scale", action="store_true", help="also run the scale scenario (get and list, small vs large database)")
+    add("--scale-orders", type=int, default=1_000_000, help="scale: orders in the large database (default: 1000000)")
+    add("--scale-small", type=int, default=1_000, help="scale: orders in the small database (default: 1000)")
+    add("--scale-repeats", type=int, default=2, help="scale: runs per size and call, alternating (default: 2)")
+    add("--workers", type=int, default=None, help="pass --workers N to the orders server")
+    add("--server-args", default="", help="extra arguments for the orders server, e.g. '--log-level info'")
+    add("--json", type=Path, default=Path("bench-report.json"), help="report path (default: %(default)s)")
+    add("--tmp-dir", type=Path, default=None, help="where databases and logs go (default: a fresh temp dir)")
+    add("--keep", action="store_true", help="keep the temp dir (databases, server logs) afterwards")
+    add("--seed", type=int, default=1, help="random seed of the callers")
+    args = parser.parse_args(argv)
+    args.scenario_list = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    unknown = [s for s in args.scenario_list if s not in ALL_SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(ALL_SCENARIOS)}")
+    if args.concurrency < 1 or args.duration <= 0 or args.warmup < 0 or args.channels < 1 or args.procs < 1:
+        parser.error("--concurrency, --channels and --procs must be >= 1, --duration > 0 and --warmup >= 0")
+    if not 1 <= args.watch_streams_per_connection <= H2_MAX_STREAMS:
+        parser.error(f"--watch-streams-per-connection must be 1..{H2_MAX_STREAMS} (the server's HTTP/2 limit)")
+    if args.scale and not 100 <= args.scale_small <= args.scale_orders or args.scale_repeats < 1:
+        parser.error("--scale-small must be at least 100 and at most --scale-orders; --scale-repeats at least 1")
+    if args.orders < max(args.concurrency, 100):
+        parser.error("--orders must be at least 100 and at least --concurrency")
+    return args
+
+
+@dataclass
+class Context:
+    """Everything a scenario run needs."""
+
+    args: argparse.Namespace
+    tmp: Path
+    pool: Executor | None
+    log: Callable[[str], None]
+
+    def server_args(self, db: Path) -> list[str]:
+        """The orders server's command-line arguments for database ``db``."""
+        extra = ["--workers", str(self.args.workers)] if self.args.workers is not None else []
+        return [
+            "--host",
+            HOST,
+            "--port",
+            "0",
+            "--db",
+            f"sqlite:///{db}",
+            "--log-level",
+            "warning",
+            *extra,
+            *shlex.split(self.args.server_args),
+        ]
+
+
+@contextlib.contextmanager
+def running(module: str, args: Sequence[str], log_path: Path) -> Iterator[tuple[ServerProcess, ResourceSampler]]:
+    """A started server process and a sampler of its memory; both stopped on exit."""
+    server = ServerProcess(module, args, log_path)
+    server.start()
+    sampler = ResourceSampler(server.pid)
+    sampler.start()
+    try:
+        yield server, sampler
+    finally:
+        sampler.stop()
+        server.stop()
+
+
+class _CpuWindow:
+    """Reads a process tree's CPU time at the start and end of the measurement window."""
+
+    def __init__(self, sampler: ResourceSampler, measure_from: float, measure_to: float) -> None:
+        self.seconds = 0.0
+        self._task = asyncio.ensure_future(self._measure(sampler, measure_from, measure_to))
+
+    async def _measure(self, sampler: ResourceSampler, measure_from: float, measure_to: float) -> None:
+        await asyncio.sleep(max(0.0, measure_from - time.monotonic()))
+        began = sampler.cpu()
+        await asyncio.sleep(max(0.0, measure_to - time.monotonic()))
+        self.seconds = sampler.cpu() - began
+
+    async def result(self) -> float:
+        await self._task
+        return self.seconds
+
+
+def _usage(sampler: ResourceSampler, cpu_seconds: float, window: float, exit_status: int | None) -> report.ServerUsage:
+    return report.ServerUsage(sampler.peak_rss, cpu_seconds, window, sampler.processes, exit_status)
+
+
+async def drive_measured(
+    ctx: Context, scenario: str, port: int, sampler: ResourceSampler, data: ScenarioData
+) -> tuple[LoadResult, float]:
+    """Drive ``scenario`` against the server on ``port``; return the load and its CPU seconds in the window."""
+    args = ctx.args
+    lead_in = 0.5 if ctx.pool is not None and args.procs > 1 else 0.0
+    start = time.monotonic() + lead_in
+    cpu = _CpuWindow(sampler, start + args.warmup, start + args.warmup + args.duration)
+    result = await drive(
+        scenario,
+        HOST,
+        port,
+        data,
+        concurrency=args.concurrency,
+        channels=args.channels,
+        client=args.client,
+        start=start,
+        warmup=args.warmup,
+        duration=args.duration,
+        pool=ctx.pool,
+        processes=args.procs,
+        seed=args.seed,
+    )
+    return result, await cpu.result()
+
+
+async def measure_unary(
+    ctx: Context, scenario: str, module: str, server_args: Sequence[str], data: ScenarioData, log_name: str
+) -> tuple[LoadResult, report.ServerUsage]:
+    """Start a server, drive ``scenario`` against it, stop it; return the load and server measurements."""
+    with running(module, server_args, ctx.tmp / f"{log_name}.log") as (server, sampler):
+        result, cpu_seconds = await drive_measured(ctx, scenario, server.port, sampler, data)
+    return result, _usage(sampler, cpu_seconds, ctx.args.duration, _exit_status(server))
+
+
+def _exit_status(server: ServerProcess) -> int | None:
+    return server.process.returncode if server.process else None
+
+
+def data_for(preloaded: PreloadResult, args: argparse.Namespace) -> ScenarioData:
+    """What the callers know about a preloaded database."""
+    return ScenarioData(
+        order_ids=preloaded.sample_ids,
+        max_key=preloaded.last_key,
+        list_mode=args.list_mode,
+        request_ids=not args.no_request_ids,
+    )
+
+
+def final_head(db: Path) -> int:
+    """The event log's head in ``db`` (read while the server runs; WAL lets us)."""
+    conn = sqlite3.connect(str(db))
+    try:
+        return int(conn.execute("SELECT COALESCE(MAX(sequence), 0) FROM status_event").fetchone()[0])
+    finally:
+        conn.close()
+
+
+async def measure_watch(ctx: Context, db: Path, preloaded: PreloadResult) -> dict[str, Any]:
+    """The watch scenario (see :mod:`bench.watch`) on a server over ``db``."""
+    args = ctx.args
+    assert ctx.pool is not None
+    watchers = args.watchers
+    server_args = ctx.server_args(db)
+    if watchers > 10_000:  # the server's default --max-watchers
+        server_args += ["--max-watchers", str(watchers)]
+    final_file = ctx.tmp / "watch-final-head"
+    final_file.unlink(missing_ok=True)
+    with running("orders.server", server_args, ctx.tmp / "watch.log") as (server, sampler):
+        connect_allowance = 2.0 + watchers / 500
+        write_from = time.monotonic() + connect_allowance
+        measure_from = write_from + args.warmup
+        measure_to = measure_from + args.duration
+        cpu = _CpuWindow(sampler, measure_from, measure_to)
+        procs = max(1, min(args.watch_procs, watchers))
+        specs = [
+            WatcherSpec(
+                host=HOST,
+                port=server.port,
+                watchers=share,
+                streams_per_connection=args.watch_streams_per_connection,
+                after_sequence=preloaded.head_sequence,
+                write_from=write_from,
+                measure_from=measure_from,
+                measure_to=measure_to,
+                final_head_file=str(final_file),
+                drain_timeout=args.watch_drain,
+            )
+            for share in split(watchers, procs)
+        ]
+        loop = asyncio.get_running_loop()
+        watching: list[asyncio.Future[WatcherResult]]
+        if procs == 1:
+            watching = [asyncio.ensure_future(run_watchers(specs[0]))]
+        else:
+            watching = [loop.run_in_executor(ctx.pool, run_watchers_blocking, spec) for spec in specs]
+        writer_spec = WriterSpec(
+            host=HOST,
+            port=server.port,
+            rate=args.updates_per_second,
+            order_ids=list(preloaded.sample_ids),
+            start=write_from,
+            stop=measure_to,
+            measure_from=measure_from,
+        )
+        head = -1
+        try:
+            writer = await loop.run_in_executor(ctx.pool, run_writer_blocking, writer_spec)
+            head = final_head(db)
+        finally:
+            publish_final_head(final_file, head)  # on failure (-1) too: it ends the watchers
+        ctx.log(f"watch: writer done, log head {head:,}; waiting for the watchers to catch up ...")
+        seen = WatcherResult()
+        for part in await asyncio.gather(*watching):
+            seen.merge(part)
+        cpu_seconds = await cpu.result()
+    usage = _usage(sampler, cpu_seconds, args.duration, _exit_status(server))
+    events = head - preloaded.head_sequence
+    behind = sum(max(0, head - last) for last in seen.last_sequences)
+    missed = seen.gaps + behind
+    errors = sum(seen.errors.values()) + sum(writer.errors.values())
+    return {
+        "watchers": seen.watchers,
+        "connections": seen.connections,
+        "processes": procs,
+        "ready_when_writing_began": seen.ready,
+        "updates_per_second": args.updates_per_second,
+        "events": events,
+        "expected": events * watchers,
+        "delivered": seen.received,
+        "missed": missed,
+        "missed_skipped": seen.gaps,  # sequences a stream jumped over: a broken no-gap promise
+        "missed_not_caught_up": behind,  # not yet received when the drain time ran out: too slow
+        "duplicates": seen.duplicates,
+        "delivery_ms": report.rounded(seen.latency.summary_ms()),
+        "errors": errors,
+        "error_codes": dict(sorted((seen.errors + writer.errors).items())),
+        "writer": {
+            "rate": round(writer.rate, 1),
+            "issued": writer.issued,
+            "updates": writer.updates,
+            "creates": writer.creates,
+            "fell_behind": writer.behind,
+            "update_latency_ms": report.rounded(writer.latency.summary_ms()),
+        },
+        "generator_cpu_percent": round(100 * seen.generator_cpu / args.duration, 1),
+        "server": usage.as_dict(),
+    }
+
+
+def _progress_logger(log: Callable[[str], None], every: float = 10.0) -> Callable[[int, int], None]:
+    """A preload progress callback that logs at most every ``every`` seconds."""
+    last = time.monotonic()
+
+    def progress(done: int, total: int) -> None:
+        nonlocal last
+        if time.monotonic() - last > every:
+            last = time.monotonic()
+            log(f"scale: {done:,} / {total:,} orders")
+
+    return progress
+
+
+async def measure_scale(ctx: Context) -> dict[str, Any]:
+    """GetOrder and ListOrders on a small and a large database: the page cost should not grow.
+
+    Both servers run side by side and the runs alternate small, large, large, small, ... so that a
+    drift in the machine's load (this is usually a shared machine) hits both sizes alike.
+    """
+    args = ctx.args
+    sizes = {"small": args.scale_small, "large": args.scale_orders}
+    result: dict[str, Any] = {"small_orders": args.scale_small, "large_orders": args.scale_orders}
+    data: dict[str, ScenarioData] = {}
+    for size_name, orders in sizes.items():
+        db = ctx.tmp / f"scale-{size_name}.db"
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{db}{suffix}").unlink(missing_ok=True)
+        ctx.log(f"scale: preloading {orders:,} orders ...")
+        preloaded = preload(db, orders, progress=_progress_logger(ctx.log))
+        ctx.log(f"scale: {orders:,} orders preloaded in {preloaded.seconds:.1f}s ({preloaded.bytes / 2**20:.0f} MB)")
+        if size_name == "large":
+            result["preload_seconds"] = round(preloaded.seconds, 2)
+            result["preload_orders_per_second"] = round(orders / preloaded.seconds)
+            result["large_db_mb"] = round(preloaded.bytes / 2**20, 1)
+        data[size_name] = data_for(preloaded, args)
+    order: list[str] = []
+    for repeat in range(args.scale_repeats):
+        order += ["small", "large"] if repeat % 2 == 0 else ["large", "small"]
+    with contextlib.ExitStack() as stack:
+        servers = {
+            size_name: stack.enter_context(
+                running(
+                    "orders.server",
+                    ctx.server_args(ctx.tmp / f"scale-{size_name}.db"),
+                    ctx.tmp / f"scale-{size_name}.log",
+                )
+            )
+            for size_name in sizes
+        }
+        for size_name in sizes:
+            result[size_name] = {}
+        for call in ("get", "list"):
+            loads = {size_name: LoadResult(window=0.0) for size_name in sizes}
+            cpu = dict.fromkeys(sizes, 0.0)
+            for size_name in order:
+                ctx.log(f"scale: {call} on {sizes[size_name]:,} orders ...")
+                server, sampler = servers[size_name]
+                load, cpu_seconds = await drive_measured(ctx, call, server.port, sampler, data[size_name])
+                loads[size_name].merge(load)
+                loads[size_name].window += load.window
+                cpu[size_name] += cpu_seconds
+            for size_name in sizes:
+                server, sampler = servers[size_name]
+                usage = _usage(sampler, cpu[size_name], loads[size_name].window, None)
+                result[size_name][call] = report.unary_report(loads[size_name], usage)
+    result["ratios"] = {}
+    for call in ("get", "list"):
+        small, large = result["small"][call], result["large"][call]
+        result["ratios"][f"{call}_rps_large_over_small"] = (
+            round(large["rps"] / small["rps"], 3) if small["rps"] else None
+        )
+        p50_small, p50_large = small["latency_ms"].get("p50_ms"), large["latency_ms"].get("p50_ms")
+        result["ratios"][f"{call}_p50_large_over_small"] = (
+            round(p50_large / p50_small, 3) if p50_small and p50_large else None
+        )
+        cpu_small, cpu_large = small["server"]["cpu_ms_per_call"], large["server"]["cpu_ms_per_call"]
+        result["ratios"][f"{call}_cpu_per_call_large_over_small"] = (
+            round(cpu_large / cpu_small, 3) if cpu_small and cpu_large else None
+        )
+    return result
+
+
+def _failure(exc: BaseException, args: argparse.Namespace) -> str:
+    """One message for a failed scenario; the traceback goes to stderr unless the server failed."""
+    if not isinstance(exc, ServerFailed):
+        traceback.print_exception(exc, file=sys.stderr)
+        return f"{type(exc).__name__}: {exc}"
+    message = str(exc)
+    if args.workers is not None and "--workers" in message and "unrecognized arguments" in message:
+        return f"the orders server does not support --workers yet (it rejected '--workers {args.workers}')"
+    return message or type(exc).__name__
+
+
+def _warm(_: int) -> int:
+    """Run in each pool process once, so imports happen before anything is timed."""
+    import bench.load  # noqa: F401
+    import bench.watch  # noqa: F401
+
+    time.sleep(0.2)  # long enough that each warm-up call lands on a different process
+    return 0
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run everything the arguments ask for and return the report."""
+    tmp = args.tmp_dir or Path(tempfile.mkdtemp(prefix="orders-bench-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+
+    def log(message: str) -> None:
+        print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+    pool_size = max(args.procs if args.procs > 1 else 0, args.watch_procs if args.watch_procs > 1 else 0)
+    pool_size += 1 if "watch" in args.scenario_list else 0
+    pool: ProcessPoolExecutor | None = None
+    if pool_size:
+        pool = ProcessPoolExecutor(pool_size, mp_context=multiprocessing.get_context("spawn"))
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(pool, _warm, i) for i in range(pool_size)))
+    ctx = Context(args, tmp, pool, log)
+    config = {
+        k: (str(v) if isinstance(v, Path) else v)
+        for k, v in vars(args).items()
+        if k not in ("scenario_list", "json", "tmp_dir", "keep")
+    }
+    config["scenarios"] = args.scenario_list
+    result: dict[str, Any] = {"machine": report.machine_info(), "config": config, "notes": []}
+    try:
+        log("baseline ...")
+        empty = ScenarioData(order_ids=(), max_key=0)
+        try:
+            load, usage = await measure_unary(
+                ctx, "baseline", "bench.baseline", ["--host", HOST, "--port", "0"], empty, "baseline"
+            )
+            result["baseline"] = report.unary_report(load, usage)
+        except Exception as exc:  # report it and go on: the other scenarios may still tell something
+            result["baseline"] = {"error": _failure(exc, args)}
+            log(f"baseline failed: {result['baseline']['error']}")
+
+        template = tmp / "template.db"
+        template.unlink(missing_ok=True)
+        log(f"preloading {args.orders:,} orders ...")
+        preloaded = preload(template, args.orders)
+        result["preload"] = {"orders": args.orders, "seconds": round(preloaded.seconds, 2)}
+        data = data_for(preloaded, args)
+        result["scenarios"] = {}
+        for scenario in args.scenario_list:
+            log(f"{scenario} ...")
+            db = tmp / f"{scenario}.db"
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{db}{suffix}").unlink(missing_ok=True)
+            shutil.copyfile(template, db)
+            try:
+                if scenario == "watch":
+                    result["scenarios"]["watch"] = await measure_watch(ctx, db, preloaded)
+                else:
+                    load, usage = await measure_unary(
+                        ctx, scenario, "orders.server", ctx.server_args(db), data, scenario
+                    )
+                    result["scenarios"][scenario] = report.unary_report(load, usage, result["baseline"])
+            except Exception as exc:
+                result["scenarios"][scenario] = {"error": _failure(exc, args)}
+                log(f"{scenario} failed: {result['scenarios'][scenario]['error']}")
+            else:
+                status = result["scenarios"][scenario]["server"]["exit_status"]
+                if status != 0:
+                    result["notes"].append(
+                        f"{scenario}: the server exited with status {status} after SIGTERM"
+                        + (" (killed: it had not stopped within 20 s)" if status == -9 else "")
+                    )
+        if args.scale:
+            try:
+                result["scale"] = await measure_scale(ctx)
+            except Exception as exc:
+                result["scale"] = {"error": _failure(exc, args)}
+                log(f"scale failed: {result['scale']['error']}")
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        if args.keep:
+            log(f"kept {tmp}")
+        elif args.tmp_dir is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    result["machine"]["load_average_at_end"] = report._loadavg()
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m bench``: 0 when every target passed, 1 otherwise."""
+    args = parse_args(argv)
+    result = asyncio.run(run(args))
+    targets = report.judge(result)
+    result["targets"] = [t.as_dict() for t in targets]
+    report.write_json(args.json, result)
+    print(report.table(result))
+    print(f"report: {args.json}")
+    return 0 if all(t.passed for t in targets) else 1
