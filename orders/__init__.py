@@ -8,17 +8,21 @@ from orders.client import Item, OrderClient, RetryPolicy
 from orders.errors import (
     Aborted,
     AlreadyExists,
+    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     OrderError,
     OutOfRange,
+    ResourceExhausted,
+    Unauthenticated,
     Unavailable,
 )
 
 __all__ = [
     "Aborted",
     "AlreadyExists",
+    "DeadlineExceeded",
     "FailedPrecondition",
     "InvalidArgument",
     "Item",
@@ -29,7 +33,9 @@ __all__ = [
     "OrderItem",
     "OrderStatus",
     "OutOfRange",
+    "ResourceExhausted",
     "RetryPolicy",
     "StatusUpdate",
+    "Unauthenticated",
     "Unavailable",
 ]

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
-from typing import ParamSpec, TypeVar
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
 
 import peewee
 from playhouse import db_url
@@ -139,7 +142,8 @@ class Repository:
         self._keys = self._models[IdempotencyRow]
         self._schema = self._models[SchemaRow]
 
-    def _write_transaction(self) -> peewee._atomic:
+    def write_transaction(self) -> peewee._atomic:
+        """A write transaction: BEGIN IMMEDIATE on SQLite (a savepoint when one is already open)."""
         if isinstance(self.database, peewee.SqliteDatabase):
             return self.database.atomic("IMMEDIATE")
         return self.database.atomic()
@@ -148,7 +152,7 @@ class Repository:
 
     def migrate(self) -> None:
         """Create the schema if missing; refuse a database written by a newer schema."""
-        with self._write_transaction():
+        with self.write_transaction():
             self.database.create_tables(list(self._models.values()), safe=True)
             found = self._schema.select(peewee.fn.MAX(self._schema.version)).scalar()
             if found is None:
@@ -162,7 +166,7 @@ class Repository:
 
     def create_order(self, new: NewOrder, request_id: str | None) -> tuple[Order, StatusEvent | None]:
         """Insert an order with its creation event; an idempotent retry returns the original order."""
-        with self._write_transaction():
+        with self.write_transaction():
             now = now_us()
             if request_id is not None:
                 existing = self._replay_idempotent(request_id, new.fingerprint(), now)
@@ -222,7 +226,7 @@ class Repository:
         self, order_id: str, target: Status, expected_version: int | None
     ) -> tuple[Order, StatusEvent | None]:
         """Apply a status change with its event in one transaction; the same status is a no-op."""
-        with self._write_transaction():
+        with self.write_transaction():
             order = self.get_order(order_id)
             if expected_version is not None and expected_version != order.version:
                 raise Aborted(
@@ -358,26 +362,119 @@ def _call_translating_errors(fn: Callable[P, R], *args: P.args, **kwargs: P.kwar
         raise Unavailable(f"the database is unavailable ({exc}); retry later") from exc
 
 
+@dataclass(slots=True)
+class _WriteJob:
+    fn: Callable[[], Any]
+    future: Future[Any]
+    transactional: bool
+
+
+class GroupCommitWriter:
+    """The one writer thread. Jobs queued while a transaction commits are run together in the next one:
+    each in its own savepoint (a failing job rolls back only itself and gets its own error), all made
+    durable by a single commit (one fsync), and only then is any caller answered.
+    """
+
+    def __init__(self, repository: Repository, max_batch: int = 256) -> None:
+        self._repository = repository
+        self._database = repository.database
+        self._max_batch = max_batch
+        self._jobs: queue.SimpleQueue[_WriteJob | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="orders-db-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[], R], *, transactional: bool = True) -> Future[R]:
+        """Queue ``fn``; its future resolves once its transaction has committed."""
+        future: Future[R] = Future()
+        self._jobs.put(_WriteJob(fn, future, transactional))
+        return future
+
+    def stop(self) -> None:
+        """Let the thread finish the queued jobs and end."""
+        self._jobs.put(None)
+
+    def _serve(self) -> None:
+        stopping = False
+        while not stopping:
+            job = self._jobs.get()
+            if job is None:
+                return
+            batch = [job]
+            while len(batch) < self._max_batch:
+                try:
+                    queued = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if queued is None:
+                    stopping = True
+                    break
+                batch.append(queued)
+            self._run_batch(batch)
+
+    def _run_batch(self, batch: list[_WriteJob]) -> None:
+        # A job whose caller gave up (cancelled, deadline) before it started is not run at all; once
+        # marked running its future can no longer be cancelled, so settling it below cannot fail.
+        batch = [job for job in batch if job.future.set_running_or_notify_cancel()]
+        for job in (j for j in batch if not j.transactional):  # e.g. closing the connection
+            _settle(job.future, lambda job=job: _call_translating_errors(job.fn))
+        jobs = [j for j in batch if j.transactional]
+        if not jobs:
+            return
+        outcomes: list[tuple[Any, BaseException | None]] = []
+
+        def run_all() -> None:
+            with self._repository.write_transaction():
+                for job in jobs:
+                    try:
+                        with self._database.atomic():  # a savepoint
+                            outcomes.append((job.fn(), None))
+                    except Exception as exc:
+                        outcomes.append((None, exc))
+
+        try:
+            _call_translating_errors(run_all)
+        except BaseException as exc:  # BEGIN or COMMIT failed: nothing of the batch is durable
+            for job in jobs:
+                job.future.set_exception(exc)
+            return
+        for job, (result, error) in zip(jobs, outcomes, strict=True):
+            if error is None:
+                job.future.set_result(result)
+            else:
+                job.future.set_exception(_translated(error))
+
+
+def _settle(future: Future[Any], fn: Callable[[], Any]) -> None:
+    try:
+        future.set_result(fn())
+    except BaseException as exc:
+        future.set_exception(exc)
+
+
+def _translated(error: BaseException) -> BaseException:
+    if isinstance(error, (peewee.OperationalError, peewee.InterfaceError)):
+        return Unavailable(f"the database is unavailable ({error}); retry later")
+    return error
+
+
 class Storage:
-    """Runs repository calls off the event loop: one writer thread, one reader thread."""
+    """Runs repository calls off the event loop: writes on the group-commit writer thread, reads on a
+    reader thread."""
 
     def __init__(self, url: str = DEFAULT_DB_URL, *, retention_events: int = 0) -> None:
         self.url = url
         self.repository = Repository(open_database(url), retention_events)
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="orders-db-writer")
+        self._writer = GroupCommitWriter(self.repository)
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="orders-db-reader")
 
     async def write(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-        """Run ``fn`` on the writer thread."""
-        return await self._run(self._writer, fn, *args, **kwargs)
+        """Run ``fn`` on the writer thread, in a transaction shared with other queued writes."""
+        return await asyncio.wrap_future(self._writer.submit(functools.partial(fn, *args, **kwargs)))
 
     async def read(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         """Run ``fn`` on the reader thread."""
-        return await self._run(self._reader, fn, *args, **kwargs)
-
-    async def _run(self, executor: ThreadPoolExecutor, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         call = functools.partial(_call_translating_errors, fn, *args, **kwargs)
-        return await asyncio.get_running_loop().run_in_executor(executor, call)
+        return await asyncio.get_running_loop().run_in_executor(self._reader, call)
 
     async def open(self) -> None:
         """Create or check the schema."""
@@ -397,6 +494,8 @@ class Storage:
         return True
 
     async def _close_threads(self) -> None:
-        for executor in (self._writer, self._reader):
-            await self._run(executor, self.repository.database.close)
-            executor.shutdown(wait=True)
+        close = self.repository.database.close
+        await asyncio.wrap_future(self._writer.submit(close, transactional=False))
+        self._writer.stop()
+        await self.read(close)
+        self._reader.shutdown(wait=True)

@@ -23,6 +23,8 @@ from orders._proto.orders.v1 import (
     OrderStatus,
     UpdateOrderStatusRequest,
 )
+from orders.client import Item
+from orders.errors import DeadlineExceeded
 from orders.server import OrderServer
 
 CLIENTS = 20
@@ -239,3 +241,22 @@ async def test_conflicting_request_id_reuse_under_contention(server, stubs):
             assert result == Status.ALREADY_EXISTS, result
     listed = (await stubs[0].list_orders(ListOrdersRequest(page_size=1000))).orders
     assert [o.id for o in listed] == [orders[0].id]
+
+
+async def test_writes_abandoned_by_their_callers_leave_the_writer_serving(client) -> None:
+    """Creates whose deadline expires while queued for the group-commit writer are dropped or completed,
+    never half-done, and the writer keeps serving: later writes succeed and every acknowledged one is there."""
+    async def hurried(i: int) -> str | None:
+        try:
+            return (await client.create([Item(f"rushed {i}", 1, 1.0)], timeout=0.03)).id
+        except DeadlineExceeded:
+            return None
+
+    acknowledged = [order_id for order_id in await asyncio.gather(*(hurried(i) for i in range(200))) if order_id]
+    after = await client.create([Item("after the rush", 1, 1.0)])
+    stored = {order.id async for order in client.list(page_size=1000)}
+    assert after.id in stored
+    assert set(acknowledged) <= stored
+    for order_id in stored - set(acknowledged) - {after.id}:  # ran, but the caller had gone: still whole
+        order = await client.get(order_id)
+        assert order.version == 1 and len(order.items) == 1 and order.total_amount == 1.0
