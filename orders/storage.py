@@ -363,8 +363,11 @@ def _call_translating_errors(fn: Callable[P, R], *args: P.args, **kwargs: P.kwar
     """Call ``fn``, reporting a database that cannot be reached or is locked as Unavailable."""
     try:
         return fn(*args, **kwargs)
-    except (peewee.OperationalError, peewee.InterfaceError) as exc:
-        raise Unavailable(f"the database is unavailable ({exc}); retry later") from exc
+    except Exception as exc:
+        translated = _translated(exc)
+        if translated is exc:
+            raise
+        raise translated from exc
 
 
 @dataclass(slots=True)
@@ -376,13 +379,13 @@ class _WriteJob:
 
 class GroupCommitWriter:
     """The one writer thread. Jobs queued while a transaction commits are run together in the next one:
-    each in its own savepoint (a failing job rolls back only itself and gets its own error), all made
-    durable by a single commit (one fsync), and only then is any caller answered.
+    each in its own savepoint (a job is a repository write, whose ``write_transaction()`` nests as one,
+    so a failing job rolls back only itself and gets its own error), all made durable by a single
+    commit (one fsync), and only then is any caller answered.
     """
 
     def __init__(self, repository: Repository, max_batch: int = 256) -> None:
         self._repository = repository
-        self._database = repository.database
         self._max_batch = max_batch
         self._jobs: queue.SimpleQueue[_WriteJob | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name="orders-db-writer", daemon=True)
@@ -421,7 +424,7 @@ class GroupCommitWriter:
         # marked running its future can no longer be cancelled, so settling it below cannot fail.
         batch = [job for job in batch if job.future.set_running_or_notify_cancel()]
         for job in (j for j in batch if not j.transactional):  # e.g. closing the connection
-            _settle(job.future, lambda job=job: _call_translating_errors(job.fn))
+            _settle(job.future, functools.partial(_call_translating_errors, job.fn))
         jobs = [j for j in batch if j.transactional]
         if not jobs:
             return
@@ -430,9 +433,8 @@ class GroupCommitWriter:
         def run_all() -> None:
             with self._repository.write_transaction():
                 for job in jobs:
-                    try:
-                        with self._database.atomic():  # a savepoint
-                            outcomes.append((job.fn(), None))
+                    try:  # each repository write opens its own write_transaction(): here, a savepoint
+                        outcomes.append((job.fn(), None))
                     except Exception as exc:
                         outcomes.append((None, exc))
 
@@ -473,7 +475,7 @@ class Storage:
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="orders-db-reader")
 
     async def write(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-        """Run ``fn`` on the writer thread, in a transaction shared with other queued writes."""
+        """Run ``fn``, a repository write, on the writer thread, in a transaction shared with other queued writes."""
         return await asyncio.wrap_future(self._writer.submit(functools.partial(fn, *args, **kwargs)))
 
     async def read(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
