@@ -1,35 +1,40 @@
-"""Fill an orders SQLite database fast, before the server starts: the offline bulk path.
+"""Fill an orders database fast, before the server starts: the offline bulk path, SQLite or PostgreSQL.
 
 The schema comes from :meth:`orders.storage.Repository.migrate` (so it is exactly the server's); the
-rows are then written with ``executemany`` in large transactions on a plain ``sqlite3`` connection
-with ``synchronous=OFF`` and an in-memory rollback journal (safe only because nothing else uses the
-file and a crash just means running the preload again). Each order gets 1–3 items and its creation
-event (UNSPECIFIED → PENDING), exactly as CreateOrder would write them: ids are random version-4
-UUIDs in canonical form, order keys and event sequences continue after whatever the file holds, and
-creation times strictly increase with the key. The file is left in WAL mode, checkpointed.
+rows are then written in large transactions over a plain DB-API connection (:mod:`bench.db`:
+``executemany`` on SQLite with ``synchronous=OFF`` and an in-memory rollback journal, ``COPY`` on
+PostgreSQL with ``synchronous_commit=off``; safe only because nothing else uses the database yet, and a
+crash just means loading again). Each order gets 1–3 items and its creation event (UNSPECIFIED →
+PENDING), exactly as CreateOrder would write them: ids are version-4 UUIDs in canonical form, order keys
+and event sequences continue after whatever the database holds, and creation times strictly increase
+with the key. Afterwards a SQLite file is back in WAL mode, checkpointed, and PostgreSQL's BIGSERIAL
+sequences are moved past the explicit keys, so the server's own inserts continue after them.
 """
 
 from __future__ import annotations
 
 import os
-import sqlite3
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import peewee
-
-from orders.storage import Repository
+from bench.db import HEAD_SQL, Row, connect, migrate
 
 PENDING = 1
 _PRODUCTS = ("Laptop", "Mouse", "Keyboard", "Monitor 27in", "USB-C cable", "Desk lamp", "Headphones", "Webcam")
 _VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
+ORDER_COLUMNS = ("key", "id", "status", "total_cents", "currency_code", "version", "create_time_us", "update_time_us")
+ITEM_COLUMNS = ("order_key", "position", "id", "product_name", "quantity", "price_cents")
+EVENT_COLUMNS = ("sequence", "order_id", "previous", "status", "time_us")
 
 
-def new_uuids(count: int) -> list[str]:
-    """``count`` random version-4 UUIDs in canonical lower-case form (what ``str(uuid.uuid4())`` gives)."""
-    digits = os.urandom(16 * count).hex()
+def new_uuids(count: int, rng: random.Random | None = None) -> list[str]:
+    """``count`` version-4 UUIDs in canonical lower-case form (what ``str(uuid.uuid4())`` gives).
+
+    Random from ``os.urandom``, or from ``rng`` for a repeatable sequence.
+    """
+    digits = (rng.randbytes(16 * count) if rng is not None else os.urandom(16 * count)).hex()
     ids = []
     for start in range(0, 32 * count, 32):
         h = digits[start : start + 32]
@@ -38,16 +43,56 @@ def new_uuids(count: int) -> list[str]:
 
 
 @dataclass
+class Batch:
+    """The rows of a run of consecutive orders, in column order (``*_COLUMNS``)."""
+
+    orders: list[Row]
+    items: list[Row]
+    events: list[Row]
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where the new orders go: order number ``n`` (from 0) gets key ``first_key + n``, creation event
+    ``first_sequence + n`` and creation time ``base_time + n`` (µs)."""
+
+    first_key: int
+    first_sequence: int
+    base_time: int
+
+    def batch(self, start: int, count: int, rng: random.Random | None) -> Batch:
+        """The rows of orders ``start`` .. ``start + count - 1``."""
+        order_ids = new_uuids(count, rng)
+        item_counts = [1 + (start + i) % 3 for i in range(count)]
+        item_ids = iter(new_uuids(sum(item_counts), rng))
+        rows = Batch([], [], [])
+        for i in range(count):
+            number = start + i
+            key = self.first_key + number
+            at = self.base_time + number
+            total = 0
+            for position in range(item_counts[i]):
+                quantity = 1 + (number + position) % 5
+                price = 100 + (number * 7919 + position * 104729) % 200_000
+                total += quantity * price
+                product = _PRODUCTS[(number + position) % len(_PRODUCTS)]
+                rows.items.append((key, position, next(item_ids), product, quantity, price))
+            rows.orders.append((key, order_ids[i], PENDING, total, "USD", 1, at, at))
+            rows.events.append((self.first_sequence + number, order_ids[i], None, PENDING, at))
+        return rows
+
+
+@dataclass
 class PreloadResult:
     """What a preload wrote."""
 
-    path: Path
+    url: str  # the database, as the server's ``--db``
     orders: int  # orders written by this preload
     seconds: float
     first_key: int  # keys first_key .. first_key + orders - 1
     head_sequence: int  # the event log's head afterwards
     sample_ids: list[str] = field(default_factory=list)  # ids of an evenly spread sample of the orders
-    bytes: int = 0  # database file size afterwards
+    bytes: int = 0  # database size afterwards
 
     @property
     def last_key(self) -> int:
@@ -56,93 +101,53 @@ class PreloadResult:
 
 
 def preload(
-    path: Path,
+    url: str,
     orders: int,
     *,
     batch: int = 50_000,
     sample: int = 100_000,
+    seed: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> PreloadResult:
-    """Append ``orders`` PENDING orders (with items and creation events) to the SQLite file ``path``.
+    """Append ``orders`` PENDING orders (with items and creation events) to the database at ``url``.
 
-    ``sample``: how many of the new ids to return, evenly spread over them (all if fewer).
+    ``url`` is a server ``--db`` URL (``sqlite:///…`` or ``postgresql://…``); the schema is created if
+    missing. ``sample``: how many of the new ids to return, evenly spread over them (all if fewer).
+    ``seed``: make the ids repeatable (the same seed writes the same ids into every database).
     ``progress(done, total)`` is called after each committed batch.
     """
     began = time.perf_counter()
-    database = peewee.SqliteDatabase(str(path), pragmas={"journal_mode": "wal", "foreign_keys": 1})
-    Repository(database).migrate()
-    database.close()
-
-    conn = sqlite3.connect(str(path), isolation_level=None)
-    try:
-        conn.execute("PRAGMA journal_mode=MEMORY")
-        conn.execute("PRAGMA synchronous=OFF")  # offline preload only; the server always runs with FULL
-        conn.execute("PRAGMA cache_size=-262144")  # 256 MiB: keeps the id indexes' pages in memory
-        conn.execute("PRAGMA temp_store=MEMORY")
-        first_key = (conn.execute('SELECT MAX("key") FROM "order"').fetchone()[0] or 0) + 1
-        first_sequence = (conn.execute("SELECT MAX(sequence) FROM status_event").fetchone()[0] or 0) + 1
-        last_time = conn.execute('SELECT MAX(create_time_us) FROM "order"').fetchone()[0] or 0
-        now_us = time.time_ns() // 1000
-        base_time = max(now_us - orders, last_time + 1)  # one microsecond apart, ending about now
+    migrate(url)
+    rng = random.Random(seed) if seed is not None else None
+    with connect(url) as conn:
+        conn.begin_bulk_load()
+        last_time = int(conn.scalar('SELECT COALESCE(MAX(create_time_us), 0) FROM "order"'))
+        layout = _Layout(
+            first_key=int(conn.scalar('SELECT COALESCE(MAX("key"), 0) FROM "order"')) + 1,
+            first_sequence=int(conn.scalar(HEAD_SQL)) + 1,
+            base_time=max(time.time_ns() // 1000 - orders, last_time + 1),  # 1 µs apart, ending about now
+        )
         stride = max(1, orders // sample) if sample else 0
         sample_ids: list[str] = []
-        done = 0
-        while done < orders:
-            n = min(batch, orders - done)
-            order_ids = new_uuids(n)
-            item_counts = [1 + (done + i) % 3 for i in range(n)]
-            item_ids = new_uuids(sum(item_counts))
-            order_rows = []
-            item_rows = []
-            event_rows = []
-            next_item = 0
-            for i in range(n):
-                number = done + i
-                key = first_key + number
-                at = base_time + number
-                total = 0
-                for position in range(item_counts[i]):
-                    quantity = 1 + (number + position) % 5
-                    price = 100 + (number * 7919 + position * 104729) % 200_000
-                    total += quantity * price
-                    product = _PRODUCTS[(number + position) % len(_PRODUCTS)]
-                    item_rows.append((key, position, item_ids[next_item], product, quantity, price))
-                    next_item += 1
-                order_rows.append((key, order_ids[i], PENDING, total, "USD", 1, at, at))
-                event_rows.append((first_sequence + number, order_ids[i], None, PENDING, at))
-                if stride and number % stride == 0 and len(sample_ids) < sample:
-                    sample_ids.append(order_ids[i])
-            conn.execute("BEGIN")
-            conn.executemany(
-                'INSERT INTO "order" ("key", id, status, total_cents, currency_code, version, create_time_us, '
-                "update_time_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                order_rows,
-            )
-            conn.executemany(
-                "INSERT INTO order_item (order_key, position, id, product_name, quantity, price_cents) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                item_rows,
-            )
-            conn.executemany(
-                "INSERT INTO status_event (sequence, order_id, previous, status, time_us) VALUES (?, ?, ?, ?, ?)",
-                event_rows,
-            )
-            conn.execute("COMMIT")
-            done += n
+        for start in range(0, orders, batch):
+            rows = layout.batch(start, min(batch, orders - start), rng)
+            with conn.transaction():
+                conn.insert("order", ORDER_COLUMNS, rows.orders)
+                conn.insert("order_item", ITEM_COLUMNS, rows.items)
+                conn.insert("status_event", EVENT_COLUMNS, rows.events)
+            if stride:
+                sample_ids += [row[1] for row in rows.orders if (row[0] - layout.first_key) % stride == 0]
             if progress is not None:
-                progress(done, orders)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        conn.execute("ANALYZE")
-        head = conn.execute("SELECT MAX(sequence) FROM status_event").fetchone()[0] or 0
-    finally:
-        conn.close()
+                progress(start + len(rows.orders), orders)
+        conn.end_bulk_load()
+        head = int(conn.scalar(HEAD_SQL))
+        size = conn.size()
     return PreloadResult(
-        path=path,
+        url=url,
         orders=orders,
         seconds=time.perf_counter() - began,
-        first_key=first_key,
+        first_key=layout.first_key,
         head_sequence=head,
-        sample_ids=sample_ids,
-        bytes=path.stat().st_size,
+        sample_ids=sample_ids[:sample],
+        bytes=size,
     )

@@ -239,6 +239,13 @@ def _fmt(value: Any, spec: str = ".1f") -> str:
     return str(value)
 
 
+def _database(report: Mapping[str, Any]) -> str:
+    """``PostgreSQL 15.4, 2 workers``: the backend the orders servers ran on (SQLite for older reports)."""
+    database = report.get("database") or {"name": "SQLite", "version": report["machine"]["sqlite"]}
+    workers = report.get("workers", 1)
+    return f"{database['name']} {database['version'].split()[0]}, {workers} worker{'s' if workers != 1 else ''}"
+
+
 def table(report: Mapping[str, Any]) -> str:
     """The short human summary: one line per scenario, then the targets."""
     lines = []
@@ -246,8 +253,8 @@ def table(report: Mapping[str, Any]) -> str:
     config = report["config"]
     lines.append(
         f"orders bench: {machine['cores']} cores, Python {machine['python']}, "
-        f"grpclib {machine['versions']['grpclib']}, "
-        f"SQLite {machine['sqlite']}; {config['concurrency']} callers over {config['channels']} channel(s), "
+        f"grpclib {machine['versions']['grpclib']}; server on {_database(report)}; "
+        f"{config['concurrency']} callers over {config['channels']} channel(s), "
         f"{config['procs']} generator process(es), client {config['client']}, "
         f"{config['duration']:g}s (+{config['warmup']:g}s warm-up)"
     )

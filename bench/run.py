@@ -1,9 +1,10 @@
 """The ``python -m bench`` command: start servers, drive every scenario, write the report.
 
-Each scenario gets a fresh orders server (``python -m orders.server``) on a fresh copy of one
-preloaded database, so scenarios do not inherit each other's rows, caches or memory; the baseline
-server (``python -m bench.baseline``) is driven first by the same load generator with the same
-concurrency. Server memory and CPU are sampled from /proc while each scenario runs.
+Each scenario gets a fresh orders server (``python -m orders.server``) on a fresh database with the
+same preload (a SQLite file, or with ``--db-server`` a new database on that PostgreSQL server, dropped
+afterwards), so scenarios do not inherit each other's rows, caches or memory; the baseline server
+(``python -m bench.baseline``) is driven first by the same load generator with the same concurrency.
+Server memory and CPU are sampled from /proc while each scenario runs.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import contextlib
 import multiprocessing
 import shlex
 import shutil
-import sqlite3
 import sys
 import tempfile
 import time
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
+from bench.db import Databases, backend_info, check_server_url, event_log_head
 from bench.load import LoadResult, drive, split
 from bench.preload import PreloadResult, preload
 from bench.procs import ResourceSampler, ServerFailed, ServerProcess
@@ -39,6 +40,7 @@ from bench.watch import (
     run_watchers_blocking,
     run_writer_blocking,
 )
+from orders.storage import redacted
 
 ALL_SCENARIOS = (*UNARY_SCENARIOS, "watch")
 HOST = "127.0.0.1"
@@ -83,6 +85,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--scale-small", type=int, default=1_000, help="scale: orders in the small database (default: 1000)")
     add("--scale-repeats", type=int, default=2, help="scale: runs per size and call, alternating (default: 2)")
     add("--workers", type=int, default=None, help="pass --workers N to the orders server")
+    add(
+        "--db-server",
+        metavar="URL",
+        default=None,
+        help="run every scenario on a fresh database on this PostgreSQL server, e.g. "
+        "postgresql://postgres@127.0.0.1:5432/test (default: SQLite files in the temp dir)",
+    )
     add("--server-args", default="", help="extra arguments for the orders server, e.g. '--log-level info'")
     add("--json", type=Path, default=Path("bench-report.json"), help="report path (default: %(default)s)")
     add("--tmp-dir", type=Path, default=None, help="where databases and logs go (default: a fresh temp dir)")
@@ -101,6 +110,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--scale-small must be at least 100 and at most --scale-orders; --scale-repeats at least 1")
     if args.orders < max(args.concurrency, 100):
         parser.error("--orders must be at least 100 and at least --concurrency")
+    if args.workers is not None and args.workers < 1:
+        parser.error("--workers must be at least 1")
+    problem = args.db_server and check_server_url(args.db_server)
+    if problem:
+        parser.error(problem)
     return args
 
 
@@ -112,9 +126,18 @@ class Context:
     tmp: Path
     pool: Executor | None
     log: Callable[[str], None]
+    databases: Databases
 
-    def server_args(self, db: Path) -> list[str]:
-        """The orders server's command-line arguments for database ``db``."""
+    @contextlib.contextmanager
+    def preloaded(
+        self, name: str, orders: int, progress: Callable[[int, int], None] | None = None
+    ) -> Iterator[PreloadResult]:
+        """A fresh database for ``name`` holding ``orders`` preloaded orders (the same ids every time)."""
+        with self.databases.fresh(name) as url:
+            yield preload(url, orders, seed=self.args.seed, progress=progress)
+
+    def server_args(self, db: str) -> list[str]:
+        """The orders server's command-line arguments for the database URL ``db``."""
         extra = ["--workers", str(self.args.workers)] if self.args.workers is not None else []
         return [
             "--host",
@@ -122,7 +145,7 @@ class Context:
             "--port",
             "0",
             "--db",
-            f"sqlite:///{db}",
+            db,
             "--log-level",
             "warning",
             *extra,
@@ -215,21 +238,12 @@ def data_for(preloaded: PreloadResult, args: argparse.Namespace) -> ScenarioData
     )
 
 
-def final_head(db: Path) -> int:
-    """The event log's head in ``db`` (read while the server runs; WAL lets us)."""
-    conn = sqlite3.connect(str(db))
-    try:
-        return int(conn.execute("SELECT COALESCE(MAX(sequence), 0) FROM status_event").fetchone()[0])
-    finally:
-        conn.close()
-
-
-async def measure_watch(ctx: Context, db: Path, preloaded: PreloadResult) -> dict[str, Any]:
-    """The watch scenario (see :mod:`bench.watch`) on a server over ``db``."""
+async def measure_watch(ctx: Context, preloaded: PreloadResult) -> dict[str, Any]:
+    """The watch scenario (see :mod:`bench.watch`) on a server over the preloaded database."""
     args = ctx.args
     assert ctx.pool is not None
     watchers = args.watchers
-    server_args = ctx.server_args(db)
+    server_args = ctx.server_args(preloaded.url)
     if watchers > 10_000:  # the server's default --max-watchers
         server_args += ["--max-watchers", str(watchers)]
     final_file = ctx.tmp / "watch-final-head"
@@ -274,7 +288,7 @@ async def measure_watch(ctx: Context, db: Path, preloaded: PreloadResult) -> dic
         head = -1
         try:
             writer = await loop.run_in_executor(ctx.pool, run_writer_blocking, writer_spec)
-            head = final_head(db)
+            head = await loop.run_in_executor(None, event_log_head, preloaded.url)
         finally:
             publish_final_head(final_file, head)  # on failure (-1) too: it ends the watchers
         ctx.log(f"watch: writer done, log head {head:,}; waiting for the watchers to catch up ...")
@@ -338,30 +352,27 @@ async def measure_scale(ctx: Context) -> dict[str, Any]:
     args = ctx.args
     sizes = {"small": args.scale_small, "large": args.scale_orders}
     result: dict[str, Any] = {"small_orders": args.scale_small, "large_orders": args.scale_orders}
-    data: dict[str, ScenarioData] = {}
-    for size_name, orders in sizes.items():
-        db = ctx.tmp / f"scale-{size_name}.db"
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{db}{suffix}").unlink(missing_ok=True)
-        ctx.log(f"scale: preloading {orders:,} orders ...")
-        preloaded = preload(db, orders, progress=_progress_logger(ctx.log))
-        ctx.log(f"scale: {orders:,} orders preloaded in {preloaded.seconds:.1f}s ({preloaded.bytes / 2**20:.0f} MB)")
-        if size_name == "large":
-            result["preload_seconds"] = round(preloaded.seconds, 2)
-            result["preload_orders_per_second"] = round(orders / preloaded.seconds)
-            result["large_db_mb"] = round(preloaded.bytes / 2**20, 1)
-        data[size_name] = data_for(preloaded, args)
     order: list[str] = []
     for repeat in range(args.scale_repeats):
         order += ["small", "large"] if repeat % 2 == 0 else ["large", "small"]
-    with contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack:  # LIFO: the servers stop before their databases go
+        data: dict[str, ScenarioData] = {}
+        urls: dict[str, str] = {}
+        for size_name, orders in sizes.items():
+            ctx.log(f"scale: preloading {orders:,} orders ...")
+            preloaded = stack.enter_context(ctx.preloaded(f"scale-{size_name}", orders, _progress_logger(ctx.log)))
+            ctx.log(
+                f"scale: {orders:,} orders preloaded in {preloaded.seconds:.1f}s ({preloaded.bytes / 2**20:.0f} MB)"
+            )
+            if size_name == "large":
+                result["preload_seconds"] = round(preloaded.seconds, 2)
+                result["preload_orders_per_second"] = round(orders / preloaded.seconds)
+                result["large_db_mb"] = round(preloaded.bytes / 2**20, 1)
+            data[size_name] = data_for(preloaded, args)
+            urls[size_name] = preloaded.url
         servers = {
             size_name: stack.enter_context(
-                running(
-                    "orders.server",
-                    ctx.server_args(ctx.tmp / f"scale-{size_name}.db"),
-                    ctx.tmp / f"scale-{size_name}.log",
-                )
+                running("orders.server", ctx.server_args(urls[size_name]), ctx.tmp / f"scale-{size_name}.log")
             )
             for size_name in sizes
         }
@@ -418,8 +429,21 @@ def _warm(_: int) -> int:
     return 0
 
 
-async def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run everything the arguments ask for and return the report."""
+async def measure_scenario(ctx: Context, scenario: str, baseline: dict[str, Any]) -> dict[str, Any]:
+    """One scenario on a fresh preloaded database; its report, with the baseline ratios (unary ones)."""
+    with ctx.preloaded(scenario, ctx.args.orders) as preloaded:
+        if scenario == "watch":
+            measured = await measure_watch(ctx, preloaded)
+        else:
+            data = data_for(preloaded, ctx.args)
+            server_args = ctx.server_args(preloaded.url)
+            load, usage = await measure_unary(ctx, scenario, "orders.server", server_args, data, scenario)
+            measured = report.unary_report(load, usage, baseline)
+    return {**measured, "preload_seconds": round(preloaded.seconds, 2)}
+
+
+async def run(args: argparse.Namespace, database: dict[str, Any]) -> dict[str, Any]:
+    """Run everything the arguments ask for and return the report; ``database``: :func:`bench.db.backend_info`."""
     tmp = args.tmp_dir or Path(tempfile.mkdtemp(prefix="orders-bench-"))
     tmp.mkdir(parents=True, exist_ok=True)
 
@@ -433,14 +457,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         pool = ProcessPoolExecutor(pool_size, mp_context=multiprocessing.get_context("spawn"))
         loop = asyncio.get_running_loop()
         await asyncio.gather(*(loop.run_in_executor(pool, _warm, i) for i in range(pool_size)))
-    ctx = Context(args, tmp, pool, log)
+    ctx = Context(args, tmp, pool, log, Databases(tmp, args.db_server))
     config = {
         k: (str(v) if isinstance(v, Path) else v)
         for k, v in vars(args).items()
         if k not in ("scenario_list", "json", "tmp_dir", "keep")
     }
     config["scenarios"] = args.scenario_list
-    result: dict[str, Any] = {"machine": report.machine_info(), "config": config, "notes": []}
+    result: dict[str, Any] = {
+        "machine": report.machine_info(),
+        "config": config,
+        "database": database,
+        "workers": args.workers if args.workers is not None else 1,  # the server's default
+        "notes": [],
+    }
     try:
         log("baseline ...")
         empty = ScenarioData(order_ids=(), max_key=0)
@@ -453,37 +483,26 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             result["baseline"] = {"error": _failure(exc, args)}
             log(f"baseline failed: {result['baseline']['error']}")
 
-        template = tmp / "template.db"
-        template.unlink(missing_ok=True)
-        log(f"preloading {args.orders:,} orders ...")
-        preloaded = preload(template, args.orders)
-        result["preload"] = {"orders": args.orders, "seconds": round(preloaded.seconds, 2)}
-        data = data_for(preloaded, args)
         result["scenarios"] = {}
+        preload_seconds: list[float] = []
         for scenario in args.scenario_list:
             log(f"{scenario} ...")
-            db = tmp / f"{scenario}.db"
-            for suffix in ("", "-wal", "-shm"):
-                Path(f"{db}{suffix}").unlink(missing_ok=True)
-            shutil.copyfile(template, db)
             try:
-                if scenario == "watch":
-                    result["scenarios"]["watch"] = await measure_watch(ctx, db, preloaded)
-                else:
-                    load, usage = await measure_unary(
-                        ctx, scenario, "orders.server", ctx.server_args(db), data, scenario
-                    )
-                    result["scenarios"][scenario] = report.unary_report(load, usage, result["baseline"])
+                result["scenarios"][scenario] = await measure_scenario(ctx, scenario, result["baseline"])
             except Exception as exc:
                 result["scenarios"][scenario] = {"error": _failure(exc, args)}
                 log(f"{scenario} failed: {result['scenarios'][scenario]['error']}")
-            else:
-                status = result["scenarios"][scenario]["server"]["exit_status"]
-                if status != 0:
-                    result["notes"].append(
-                        f"{scenario}: the server exited with status {status} after SIGTERM"
-                        + (" (killed: it had not stopped within 20 s)" if status == -9 else "")
-                    )
+                continue
+            preload_seconds.append(result["scenarios"][scenario]["preload_seconds"])
+            status = result["scenarios"][scenario]["server"]["exit_status"]
+            if status != 0:
+                result["notes"].append(
+                    f"{scenario}: the server exited with status {status} after SIGTERM"
+                    + (" (killed: it had not stopped within 20 s)" if status == -9 else "")
+                )
+        if preload_seconds:
+            mean = sum(preload_seconds) / len(preload_seconds)
+            result["preload"] = {"orders": args.orders, "databases": len(preload_seconds), "seconds": round(mean, 2)}
         if args.scale:
             try:
                 result["scale"] = await measure_scale(ctx)
@@ -502,9 +521,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m bench``: 0 when every target passed, 1 otherwise."""
+    """Entry point of ``python -m bench``: 0 when every target passed, 1 otherwise, 2 when ``--db-server``
+    cannot be used (unreachable, or psycopg missing)."""
     args = parse_args(argv)
-    result = asyncio.run(run(args))
+    try:
+        database = backend_info(args.db_server)
+    except Exception as exc:  # e.g. the PostgreSQL server is down: nothing could run
+        print(f"python -m bench: cannot use --db-server {redacted(args.db_server)}: {exc}", file=sys.stderr)
+        return 2
+    result = asyncio.run(run(args, database))
     targets = report.judge(result)
     result["targets"] = [t.as_dict() for t in targets]
     report.write_json(args.json, result)
