@@ -9,7 +9,8 @@
     orders cancel ID
     orders watch [ID ...] --after-sequence 0
 
-Client commands talk to ``--target`` (default ``$ORDERS_TARGET``, else ``localhost:50051``), with
+Client commands talk to ``--target`` (default ``$ORDERS_TARGET``, else ``localhost:50051``; a comma-separated
+list of replicas fails over from one to the next), with
 ``--token`` (``$ORDERS_TOKEN``) as bearer token and over TLS with ``--ca-file`` (``$ORDERS_CA_FILE``) or
 ``--tls`` (system trust store), and print a readable rendering, or with ``--json`` one JSON object per
 line (the protobuf JSON mapping). Errors from the server print ``error: CODE: message`` on stderr and exit 1;
@@ -34,7 +35,7 @@ import betterproto2
 from orders import server as server_module
 from orders._proto.orders.v1 import Order, OrderStatus, StatusUpdate
 from orders.auth import check_token
-from orders.client import DEFAULT_TARGET, Item, OrderClient, parse_target
+from orders.client import DEFAULT_TARGET, Item, OrderClient, parse_targets
 from orders.errors import OrderError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -73,9 +74,9 @@ def status_arg(text: str) -> OrderStatus:
 
 
 def target_arg(text: str) -> str:
-    """Check that a target looks like ``host:port``."""
+    """Check that a target looks like ``host:port``, or is a comma-separated list of them (replicas)."""
     try:
-        parse_target(text)
+        parse_targets(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
@@ -415,9 +416,7 @@ async def demo(args: argparse.Namespace) -> None:
 
 def serve(args: argparse.Namespace) -> None:
     """``orders serve``: exactly ``python -m orders.server``."""
-    config = server_module.config_from_args(args)
-    server_module.configure_logging(config.log_level, config.log_format)
-    asyncio.run(server_module.serve(config))
+    server_module.run(server_module.config_from_args(args))
 
 
 # --- parser and entry point ------------------------------------------------------------------------
@@ -430,7 +429,8 @@ def client_options() -> argparse.ArgumentParser:
         "--target",
         type=target_arg,
         default=os.environ.get("ORDERS_TARGET", DEFAULT_TARGET),
-        help="server address host:port (ORDERS_TARGET; default %(default)s)",
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="server address, or comma-separated replicas to fail over between (ORDERS_TARGET; default %(default)s)",
     )
     parent.add_argument("--json", action="store_true", help="print one JSON object per line")
     parent.add_argument("--timeout", type=positive_float, default=10.0, help="seconds per call (default %(default)s)")
@@ -480,7 +480,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="exercise every RPC with narration",
         description="Exercise every RPC, including a live watch, against --target or an embedded server.",
     )
-    demo_parser.add_argument("--target", type=target_arg, help="server host:port (default: start an embedded server)")
+    demo_parser.add_argument(
+        "--target",
+        type=target_arg,
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="server address, or comma-separated replicas (default: start an embedded server)",
+    )
     demo_parser.add_argument(
         "--timeout", type=positive_float, default=10.0, help="seconds per call (default %(default)s)"
     )

@@ -5,6 +5,11 @@
         async for update in orders.watch([order.id]):
             ...
 
+Replicas: give several targets (``OrderClient(["db1:50051", "db2:50051"])`` or ``"db1:50051,db2:50051"``),
+servers sharing one database. Calls go to the current target; a failure that is safe to retry moves on
+to the next target (round-robin) at once, so a dead replica costs one failed attempt, not the deadline,
+and ``watch()`` resumes on the next replica after the last sequence it saw (sequences are global).
+
 Security: ``token="…"`` sends ``authorization: Bearer …`` with every call (streams included);
 ``ca_file="ca.pem"`` turns TLS on and trusts that CA, ``tls=True`` turns TLS on with the system
 trust store, and ``tls=`` an :class:`ssl.SSLContext` uses that context as it is:
@@ -13,10 +18,12 @@ trust store, and ``tls=`` an :class:`ssl.SSLContext` uses that context as it is:
         ...
 
 Every call has a deadline (``timeout``, default 10 s, shared by its retries). Calls that are safe to
-repeat are retried with exponential backoff when the server is unreachable or UNAVAILABLE: reads,
-creates (each carries a ``request_id``, generated when not given, so a retry never makes a second
-order), and status changes without ``expected_version`` (setting a status twice is a no-op). Every
-failure is raised as an :class:`orders.errors.OrderError` subclass carrying the gRPC status name.
+repeat are retried when the server is unreachable or UNAVAILABLE (on the next target, with exponential
+backoff once every target has failed): reads, creates (each carries a ``request_id``, generated when not
+given, so a retry never makes a second order), and status changes without ``expected_version`` (setting
+a status twice is a no-op). Any other call is sent once, but its UNAVAILABLE still moves later calls on
+to the next target. Every failure is raised as an :class:`orders.errors.OrderError` subclass carrying the
+gRPC status name.
 """
 
 from __future__ import annotations
@@ -25,9 +32,10 @@ import asyncio
 import logging
 import os
 import random
+import re
 import ssl
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -58,6 +66,7 @@ R = TypeVar("R")
 log = logging.getLogger(__name__)
 
 DEFAULT_TARGET = "localhost:50051"
+_HOST = re.compile(r"\[[\w:.%]+\]|[\w.:-]+")  # a name, an IPv4 address, or an IPv6 one (in brackets)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,9 +94,25 @@ class RetryPolicy:
 def parse_target(target: str) -> tuple[str, int]:
     """Split ``host:port`` (``[v6]:port`` for IPv6) into host and port."""
     host, sep, port = target.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ValueError(f"target must look like host:port, got {target!r}")
+    if not (sep and port.isdigit() and 0 < int(port) < 65536 and _HOST.fullmatch(host)):
+        raise ValueError(f"target must look like host:port (port 1-65535), got {target!r}")
     return host.strip("[]"), int(port)
+
+
+def parse_targets(targets: str | Sequence[str]) -> tuple[str, ...]:
+    """The targets in ``"h1:1,h2:2"`` or ``["h1:1", "h2:2"]``, stripped, each checked by :func:`parse_target`."""
+    listed = targets.split(",") if isinstance(targets, str) else list(targets)
+    if not listed or not all(isinstance(t, str) for t in listed):
+        raise ValueError(f"targets must be one or more host:port strings, got {targets!r}")
+    cleaned = tuple(t.strip() for t in listed)
+    for target in cleaned:
+        try:
+            parse_target(target)
+        except ValueError as exc:
+            raise ValueError(f"{exc} in {targets!r}" if len(cleaned) > 1 else str(exc)) from None
+    if twice := sorted({t for t in cleaned if cleaned.count(t) > 1}):
+        raise ValueError(f"target {', '.join(twice)} given more than once in {targets!r}")
+    return cleaned
 
 
 def _as_error(exc: BaseException) -> OrderError:
@@ -109,20 +134,27 @@ _TRANSPORT_ERRORS = (GRPCError, StreamTerminatedError, ConnectionError, OSError)
 class OrderClient:
     """An async client of the orders service; use it as ``async with OrderClient(target) as c``.
 
+    ``target``: ``host:port``, or several replicas (servers on one database) as a sequence of them or one
+    comma-separated string; each is checked up front (:class:`ValueError`). ``targets`` is the tuple of
+    them, ``target`` the one calls go to now. Each target has its own channel, connected when first used.
+    A call that fails in a way safe to retry is retried on the next target (round-robin), immediately,
+    with backoff only once every target has failed in a row; a retryable call makes at least one attempt
+    per target. UNAVAILABLE from any call, retried or not, moves the client on to the next target.
+
     ``token``: a bearer token, sent as ``authorization: Bearer <token>`` metadata on every call; a server
     started with ``--token`` refuses calls without it (:class:`orders.errors.Unauthenticated`). Without TLS
     the token crosses the network in clear text, so give a CA or ``tls=True`` for any remote server.
 
     ``ca_file``: path of a PEM file of CA certificates; turns TLS on and verifies the server against them.
     ``tls``: ``True`` turns TLS on with the system trust store; an :class:`ssl.SSLContext` is used as given
-    (offer ALPN ``h2`` in it). Both off (the default): plaintext HTTP/2. The server's certificate must name
-    the target's host. TLS failures (untrusted certificate, plaintext server) raise
-    :class:`orders.errors.Unavailable` promptly.
+    (offer ALPN ``h2`` in it). Both off (the default): plaintext HTTP/2. ``token`` and TLS apply to every
+    target; each server's certificate must name its target's host. TLS failures (untrusted certificate,
+    plaintext server) raise :class:`orders.errors.Unavailable` promptly.
     """
 
     def __init__(
         self,
-        target: str = DEFAULT_TARGET,
+        target: str | Sequence[str] = DEFAULT_TARGET,
         *,
         token: str | None = None,
         ca_file: str | os.PathLike[str] | None = None,
@@ -130,10 +162,10 @@ class OrderClient:
         timeout: float | None = 10.0,
         retry: RetryPolicy = RetryPolicy(),
     ) -> None:
-        self.target = target
+        self.targets = parse_targets(target)
         self.timeout = timeout
         self.retry = retry
-        host, port = parse_target(target)
+        addresses = [parse_target(t) for t in self.targets]
         if isinstance(tls, ssl.SSLContext):
             if ca_file is not None:
                 raise ValueError("give ca_file or an SSLContext as tls, not both")
@@ -144,12 +176,27 @@ class OrderClient:
         if token is not None:
             check_token(token)
             keep_headers_out_of_logs()
-            if context is None and not is_loopback(host):
-                log.warning("sending a bearer token to %s without TLS: it can be read on the network", target)
-        self._channel = Channel(host, port, ssl=context)
+            exposed = [t for t, (host, _) in zip(self.targets, addresses, strict=True) if not is_loopback(host)]
+            if context is None and exposed:
+                log.warning(
+                    "sending a bearer token to %s without TLS: it can be read on the network", ", ".join(exposed)
+                )
+        self._channels = tuple(Channel(host, port, ssl=context) for host, port in addresses)
         if token is not None:
-            listen(self._channel, SendRequest, add_token(token))  # every call, unary and streaming
-        self._stub = OrderServiceStub(self._channel)
+            for channel in self._channels:
+                listen(channel, SendRequest, add_token(token))  # every call, unary and streaming
+        self._stubs = tuple(OrderServiceStub(channel) for channel in self._channels)
+        self._current = 0  # index of the target calls go to now
+
+    @property
+    def target(self) -> str:
+        """The target calls go to now: the first, until a failure moves the client on to the next."""
+        return self.targets[self._current]
+
+    @property
+    def _stub(self) -> OrderServiceStub:
+        """The current target's stub."""
+        return self._stubs[self._current]
 
     async def __aenter__(self) -> OrderClient:
         return self
@@ -158,8 +205,9 @@ class OrderClient:
         self.close()
 
     def close(self) -> None:
-        """Close the connection; open streams end."""
-        self._channel.close()
+        """Close every target's connection; open streams end."""
+        for channel in self._channels:
+            channel.close()
 
     # --- unary calls -----------------------------------------------------------------------------
 
@@ -187,12 +235,12 @@ class OrderClient:
             currency_code=currency_code,
             request_id=request_id or str(uuid.uuid4()),
         )
-        response = await self._unary(self._stub.create_order, request, timeout, retry=True)
+        response = await self._unary(lambda stub: stub.create_order, request, timeout, retry=True)
         return response.order
 
     async def get(self, order_id: str, *, timeout: float | None = None) -> Order:
         """The order with this id."""
-        response = await self._unary(self._stub.get_order, GetOrderRequest(id=order_id), timeout, retry=True)
+        response = await self._unary(lambda stub: stub.get_order, GetOrderRequest(id=order_id), timeout, retry=True)
         return response.order
 
     async def update_status(
@@ -200,13 +248,15 @@ class OrderClient:
     ) -> Order:
         """Move an order to ``status``; with ``expected_version`` the change applies only to that version."""
         request = UpdateOrderStatusRequest(id=order_id, status=status, expected_version=expected_version)
-        response = await self._unary(self._stub.update_order_status, request, timeout, retry=not expected_version)
+        response = await self._unary(
+            lambda stub: stub.update_order_status, request, timeout, retry=not expected_version
+        )
         return response.order
 
     async def cancel(self, order_id: str, *, expected_version: int = 0, timeout: float | None = None) -> Order:
         """Cancel an order (cancelling a cancelled order is a no-op)."""
         request = CancelOrderRequest(id=order_id, expected_version=expected_version)
-        response = await self._unary(self._stub.cancel_order, request, timeout, retry=not expected_version)
+        response = await self._unary(lambda stub: stub.cancel_order, request, timeout, retry=not expected_version)
         return response.order
 
     async def list_page(
@@ -219,7 +269,7 @@ class OrderClient:
     ) -> ListOrdersResponse:
         """One page of orders, oldest first; pass its ``next_page_token`` for the next."""
         request = ListOrdersRequest(page_size=page_size, page_token=page_token, statuses=list(statuses))
-        return await self._unary(self._stub.list_orders, request, timeout, retry=True)
+        return await self._unary(lambda stub: stub.list_orders, request, timeout, retry=True)
 
     async def list(
         self, *, statuses: Iterable[OrderStatus] = (), page_size: int = 0, timeout: float | None = None
@@ -236,22 +286,45 @@ class OrderClient:
                 return
 
     async def _unary(
-        self, method: Callable[..., Awaitable[R]], request: object, timeout: float | None, *, retry: bool
+        self,
+        method: Callable[[OrderServiceStub], Callable[..., Awaitable[R]]],
+        request: object,
+        timeout: float | None,
+        *,
+        retry: bool,
     ) -> R:
+        """Send ``request`` with ``method`` of the current target's stub; if ``retry``, retry it as the
+        class docstring says, within one deadline."""
         timeout = self.timeout if timeout is None else timeout
         deadline = Deadline.from_timeout(timeout) if timeout else None
-        attempts = self.retry.attempts if retry else 1
+        attempts = max(self.retry.attempts, len(self.targets)) if retry else 1
         for attempt in range(1, attempts + 1):
+            index = self._current
             try:
-                return await method(request, deadline=deadline)
+                return await method(self._stubs[index])(request, deadline=deadline)
             except _TRANSPORT_ERRORS as exc:
-                error = _as_error(exc)
+                error = self._failed(index, exc)
                 retryable = isinstance(error, Unavailable) and attempt < attempts
-                delay = self.retry.delay(attempt)
+                delay = self._pause(attempt)
                 if not retryable or (deadline is not None and deadline.time_remaining() <= delay):
                     raise error from exc
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")
+
+    def _failed(self, index: int, exc: BaseException) -> OrderError:
+        """The error for ``exc`` raised by a call to target ``index``; if it is UNAVAILABLE, later calls go to
+        the next target (unless a concurrent call has already moved the client on)."""
+        error = _as_error(exc)
+        if isinstance(error, Unavailable) and self._current == index and len(self.targets) > 1:
+            self._current = (index + 1) % len(self.targets)
+            log.info("%s is unavailable (%s); moving on to %s", self.targets[index], error, self.target)
+        return error
+
+    def _pause(self, failures: int) -> float:
+        """Seconds to wait after ``failures`` failed attempts in a row: none while some target is still
+        untried in this round, else full-jitter backoff by the number of rounds."""
+        rounds, untried = divmod(failures, len(self.targets))
+        return 0.0 if untried else self.retry.delay(min(rounds, 32))
 
     # --- streaming -------------------------------------------------------------------------------
 
@@ -267,8 +340,9 @@ class OrderClient:
         """Status updates for ``order_ids`` (empty = all orders), oldest first, forever.
 
         ``after_sequence`` None means live only; N replays every retained update after N first.
-        When the connection drops or the server goes away, the watch reconnects with backoff and
-        resumes after the last sequence it saw (heartbeats count), so nothing is missed or repeated.
+        When the connection drops or the server goes away, the watch reconnects (to the next target, if
+        there are several; with backoff once each has failed) and resumes after the last sequence it saw
+        (heartbeats count), so nothing is missed or repeated.
         It raises :class:`Unavailable` once nothing has arrived for ``give_up_after`` seconds of
         failed attempts (None: keep trying), or at the first failure when ``reconnect`` is False.
         Heartbeats are used for resuming and not yielded.
@@ -282,20 +356,21 @@ class OrderClient:
             request = OrderStatusStreamRequest(
                 order_ids=ids, after_sequence=cursor, heartbeat_seconds=heartbeat_seconds
             )
+            index = self._current
             try:
-                async for update in self._stub.order_status_stream(request):
+                async for update in self._stubs[index].order_status_stream(request):
                     failures, last_alive = 0, loop.time()
                     cursor = update.sequence
                     if update.order_id:
                         yield update
             except _TRANSPORT_ERRORS as exc:
-                error = _as_error(exc)
+                error = self._failed(index, exc)
                 gave_up = give_up_after is not None and loop.time() - last_alive > give_up_after
                 if not (reconnect and isinstance(error, Unavailable)) or gave_up:
                     raise error from exc
                 failures += 1
-                log.info("watch on %s interrupted (%s); reconnecting after sequence %s", self.target, error, cursor)
-                await asyncio.sleep(self.retry.delay(min(failures, 10)))
+                log.info("watch on %s interrupted (%s); resuming after sequence %s", self.targets[index], error, cursor)
+                await asyncio.sleep(self._pause(failures))
             else:
                 if not reconnect:
                     return

@@ -193,8 +193,8 @@ async def test_retries_stop_at_the_timeout():
 # --- across a server restart ----------------------------------------------------------------------
 
 
-async def test_create_retried_across_a_restart_does_not_duplicate(tmp_path):
-    server = ServerProcess(tmp_path)
+async def test_create_retried_across_a_restart_does_not_duplicate(tmp_path, database_url):
+    server = ServerProcess(tmp_path, database_url)
     await server.start()
     retrying: list[asyncio.Task] = []
     try:
@@ -234,8 +234,8 @@ async def test_create_retried_across_a_restart_does_not_duplicate(tmp_path):
         await server.kill()
 
 
-async def test_watch_resumes_across_a_restart_without_gap_or_duplicate(tmp_path):
-    server = ServerProcess(tmp_path)
+async def test_watch_resumes_across_a_restart_without_gap_or_duplicate(tmp_path, database_url):
+    server = ServerProcess(tmp_path, database_url)
     await server.start()
     watcher = OrderClient(server.target, timeout=10, retry=FAST_RETRY)
     writer = OrderClient(server.target, timeout=20, retry=FAST_RETRY)
@@ -301,3 +301,148 @@ async def test_watch_resumes_across_a_restart_without_gap_or_duplicate(tmp_path)
         watcher.close()
         writer.close()
         await server.kill()
+
+
+# --- several targets (replicas): failover ---------------------------------------------------------
+
+
+class NeverBackOff(RetryPolicy):
+    """A backoff longer than any call's deadline: a call that backs off before trying the next target fails."""
+
+    def delay(self, attempt: int) -> float:
+        return 3600.0
+
+
+def count_calls(client: OrderClient, method: str) -> list[int]:
+    """How many times each of ``client``'s targets gets a ``method`` call from now on."""
+    counts = [0] * len(client.targets)
+    for index, stub in enumerate(client._stubs):
+        original = getattr(stub, method)
+
+        async def counting(*args, _index=index, _original=original, **kwargs):
+            counts[_index] += 1
+            return await _original(*args, **kwargs)
+
+        setattr(stub, method, counting)
+    return counts
+
+
+def dead_target() -> str:
+    return f"127.0.0.1:{free_port()}"
+
+
+async def test_a_retryable_call_moves_on_to_the_next_target_at_once(server):
+    live = f"127.0.0.1:{server.port}"
+    first_dead, second_dead = dead_target(), dead_target()
+    async with OrderClient([first_dead, second_dead, live], timeout=10, retry=NeverBackOff()) as client:
+        assert client.targets == (first_dead, second_dead, live)
+        assert client.target == first_dead
+        creates, gets = count_calls(client, "create_order"), count_calls(client, "get_order")
+
+        order = await client.create([Item("Laptop", 1, 1000.0)])
+        assert creates == [1, 1, 1], "one attempt per dead target, without backing off, then the live one"
+        assert client.target == live
+        assert await client.get(order.id) == order
+        assert gets == [0, 0, 1], "later calls go straight to the target that answered"
+        update = await asyncio.wait_for(first_update_of(client.watch([order.id], after_sequence=0)), 10)
+        assert (update.order_id, update.status) == (order.id, OrderStatus.PENDING)
+
+    # every target down: one attempt each, then the backoff would pass the deadline, so UNAVAILABLE at once
+    async with OrderClient(f"{first_dead},{second_dead}", timeout=10, retry=NeverBackOff()) as client:
+        gets = count_calls(client, "get_order")
+        started = time.monotonic()
+        with pytest.raises(Unavailable):
+            await client.get(str(uuid.uuid4()))
+        assert gets == [1, 1]
+        assert time.monotonic() - started < 5
+
+
+async def test_a_change_with_expected_version_is_not_resent_to_another_target(server, client):
+    order = await client.create([Item("Laptop", 1, 1000.0)])
+    live = f"127.0.0.1:{server.port}"
+    async with OrderClient([dead_target(), live], timeout=10, retry=FAST_RETRY) as failover:
+        updates = count_calls(failover, "update_order_status")
+        with pytest.raises(Unavailable):
+            await failover.update_status(order.id, OrderStatus.CONFIRMED, expected_version=1)
+        assert updates == [1, 0], "not retried, on this target or another"
+        assert failover.target == live, "but the next call goes to the next target"
+        assert await failover.get(order.id) == order, "nothing changed"
+        confirmed = await failover.update_status(order.id, OrderStatus.CONFIRMED, expected_version=1)
+        assert (confirmed.status, confirmed.version) == (OrderStatus.CONFIRMED, 2)
+        assert updates == [1, 1]
+
+    async with OrderClient([dead_target(), live], timeout=10, retry=FAST_RETRY) as failover:
+        cancels = count_calls(failover, "cancel_order")
+        with pytest.raises(Unavailable):
+            await failover.cancel(order.id, expected_version=2)
+        assert cancels == [1, 0]
+        assert await failover.get(order.id) == confirmed
+
+
+@pytest.mark.database_free
+@pytest.mark.parametrize(
+    "targets",
+    [
+        "",
+        ",",
+        "a:1,",
+        "a:1,,b:2",
+        "a:1;b:2",
+        "a:1 b:2",
+        "a:1,b",
+        "a:1,b:0",
+        "a:1,b:65536",
+        "a:1,a:1",
+        "a:1, a:1",
+        [],
+        ["a:1", ""],
+        ["a:1", "b:2,c:3"],
+        ["a:1", 2],
+        ("a:1", None),
+    ],
+)
+def test_invalid_target_lists_are_refused_up_front(targets):
+    with pytest.raises(ValueError, match="target"):
+        OrderClient(targets)
+
+
+@pytest.mark.database_free
+async def test_target_lists_as_a_string_or_a_sequence():
+    for given in ("a:1, b:2,[::1]:3", ["a:1", " b:2", "[::1]:3"], ("a:1", "b:2", "[::1]:3")):
+        async with OrderClient(given) as client:
+            assert client.targets == ("a:1", "b:2", "[::1]:3")
+            assert client.target == "a:1"
+    async with OrderClient("localhost:50051") as client:
+        assert client.targets == ("localhost:50051",) and client.target == "localhost:50051"
+
+
+async def test_cli_target_takes_a_comma_separated_list(server, client):
+    import json
+    import os
+    import sys
+
+    order = await client.create([Item("Desk", 1, 300.0)])
+    targets = f"{dead_target()},127.0.0.1:{server.port}"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "orders", "get", order.id, "--json", "--target", targets,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, stderr.decode()
+    assert json.loads(stdout)["id"] == order.id
+
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "orders", "get", order.id, "--json",
+        env={**os.environ, "ORDERS_TARGET": targets}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, stderr.decode()
+    assert json.loads(stdout)["id"] == order.id
+
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "orders", "get", order.id, "--target", "127.0.0.1:1,,127.0.0.1:2",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 2
+    assert "--target" in stderr.decode() and "host:port" in stderr.decode()
