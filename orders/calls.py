@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import re
+import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -60,8 +61,31 @@ def clip_status_message(message: str) -> str:
     return f"{message[: MAX_STATUS_MESSAGE - 50]}… (cut; {len(message):,} characters in all)"
 
 
+class FramedMessages(bytes):
+    """One or more response messages, each already encoded and length-prefixed the way gRPC frames them:
+    a status update is encoded once and the same bytes go to every watcher."""
+
+
+def framed(message: Message) -> FramedMessages:
+    """``message`` encoded and framed (uncompressed) for :func:`send_framed`."""
+    data = message.SerializeToString()
+    return FramedMessages(struct.pack(">?I", False, len(data)) + data)
+
+
+async def send_framed(stream: Stream, messages: FramedMessages) -> None:
+    """Send already framed messages in one HTTP/2 write, after the response headers if not yet sent.
+
+    grpclib's ``send_message`` encodes and writes one message at a time (and fires ``SendMessage``
+    events, which nothing here listens to); a stream that has several updates waiting sends them at once.
+    """
+    if not stream._send_initial_metadata_done:
+        await stream.send_initial_metadata()
+    await stream._stream.send_data(messages)
+
+
 class StrictProtoCodec(ProtoCodec):
-    """grpclib's protobuf codec, answering undecodable messages with INVALID_ARGUMENT.
+    """grpclib's protobuf codec, answering undecodable messages with INVALID_ARGUMENT, and encoding
+    replies given as protobuf-runtime messages (see :mod:`orders.wire`) as well as betterproto2 ones.
 
     betterproto2's parser is lenient: it stops silently at a truncated tag, reads a length past the
     end of the data, accepts field number 0, and decodes a field sent with the wrong wire type into a
@@ -69,6 +93,13 @@ class StrictProtoCodec(ProtoCodec):
     by the protobuf runtime (upb, in C) for the same descriptor, which rejects malformed data and
     files a mistyped known field under unknown fields, where we find it.
     """
+
+    def encode(self, message: Any, message_type: Any) -> bytes:
+        if isinstance(message, Message):  # upb: the C encoder
+            if message.DESCRIPTOR.full_name != message_type.DESCRIPTOR.full_name:
+                raise TypeError(f"{message.DESCRIPTOR.full_name} sent where {message_type.__name__} is due")
+            return message.SerializeToString()
+        return super().encode(message, message_type)
 
     def decode(self, data: bytes, message_type: Any) -> Any:
         try:

@@ -47,15 +47,20 @@ class ServerConfig:
     )
     tls_cert: str | None = _option(None, "PEM certificate chain to serve TLS with", parse=_optional_str)
     tls_key: str | None = _option(None, "PEM private key of --tls-cert", parse=_optional_str)
-    metrics_port: int | None = _option(None, "Prometheus metrics port (off when unset)", parse=_optional_port)
+    metrics_port: int | None = _option(
+        None, "Prometheus metrics port (off when unset); worker i of --workers serves port + i", parse=_optional_port
+    )
     max_message_bytes: int = _option(4 * MIB, "largest request message accepted (RESOURCE_EXHAUSTED above)")
     max_watchers: int = _option(10_000, "open OrderStatusStream calls allowed in all (RESOURCE_EXHAUSTED above)")
     max_streams_per_connection: int = _option(100, "open OrderStatusStream calls allowed per connection")
     retention_events: int = _option(0, "keep only the newest N status events in the log (0 keeps all)")
+    workers: int = _option(1, "server processes sharing the port and the database (SO_REUSEPORT)")
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together: give both or neither")
+        if self.workers < 1:
+            raise ValueError(f"--workers must be 1 or more, not {self.workers}")
         if self.retention_events < 0:
             raise ValueError(f"--retention-events must be 0 (keep every event) or more, not {self.retention_events}")
 

@@ -150,7 +150,9 @@ class Feed(Generic[T]):
             try:
                 while await self._publish_next_page():
                     pass
-            except Exception:  # the database is the truth: log, and read again on the next wake-up
+            except Unavailable as exc:  # the database is the truth: read it again on the next wake-up
+                log.warning("reading the event log failed (%s); retrying", exc.message)
+            except Exception:
                 log.exception("reading the event log failed; retrying")
 
     async def _publish_next_page(self) -> bool:
@@ -201,8 +203,12 @@ class Feed(Generic[T]):
                 if not watchers:
                     del self._by_order[order_id]
 
-    async def watch(self, query: WatchQuery) -> AsyncIterator[T]:
-        """Yield rendered updates for ``query``: replay from the log if asked, then live, forever."""
+    async def watch(self, query: WatchQuery) -> AsyncIterator[list[T]]:
+        """Yield rendered updates for ``query``: replay from the log if asked, then live, forever.
+
+        Updates come in batches: everything this watcher has pending when it gets to run (a page, when
+        catching up), so a busy server sends each stream fewer, larger writes instead of falling behind.
+        """
         watcher: _Watcher[T] = _Watcher(query.order_ids, self._queue_capacity)
         try:
             first, head = await self._read_bounds()
@@ -240,9 +246,9 @@ class Feed(Generic[T]):
                             f"the log now starts at {first}); resume with after_sequence >= {first - 1} "
                             "or re-read state with ListOrders"
                         )
-                    for event in events:
-                        cursor = event.sequence
-                        yield self._render(event)
+                    if events:
+                        cursor = events[-1].sequence
+                        yield [self._render(event) for event in events]
                     catching_up = len(events) == self._page_size
                     watcher.live = not catching_up
                     last_sent = loop.time()
@@ -251,10 +257,14 @@ class Feed(Generic[T]):
                         cursor = max(cursor, watcher.resume_after)
                     watcher.lagged, watcher.live, watcher.resume_after, catching_up = False, False, None, True
                 elif watcher.pending:
-                    sequence, payload = watcher.pending.popleft()
-                    if sequence > cursor:
-                        cursor = sequence
-                        yield payload
+                    batch = []
+                    while watcher.pending and len(batch) < self._page_size:
+                        sequence, payload = watcher.pending.popleft()
+                        if sequence > cursor:
+                            cursor = sequence
+                            batch.append(payload)
+                    if batch:
+                        yield batch
                         last_sent = loop.time()
                 else:
                     watcher.wakeup.clear()
@@ -262,7 +272,7 @@ class Feed(Generic[T]):
                     if query.heartbeat_seconds:
                         timeout = max(0.0, last_sent + query.heartbeat_seconds - loop.time())
                     if not await _wait(watcher.wakeup, timeout):
-                        yield self._render_heartbeat(max(self.head, cursor))
+                        yield [self._render_heartbeat(max(self.head, cursor))]
                         last_sent = loop.time()
         finally:
             self._unregister(watcher)

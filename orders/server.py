@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from grpclib.health.service import Health
 from grpclib.health.v1 import health_pb2
-from grpclib.protocol import H2Protocol
 from grpclib.reflection.service import ServerReflection
 from grpclib.reflection.v1 import reflection_pb2 as reflection_v1_pb2
 from grpclib.reflection.v1alpha import reflection_pb2 as reflection_v1alpha_pb2
@@ -26,15 +26,23 @@ from orders._proto.google_proto_descriptor_pool import default_google_proto_desc
 from orders.auth import SecurityConfigError, TokenGuard, keep_headers_out_of_logs, server_ssl_context
 from orders.calls import CallGuard, CallMiddleware, CallObserver, StrictProtoCodec, log_access
 from orders.config import ServerConfig, add_server_arguments, config_from_args
+from orders.connections import Connections
 from orders.limits import MessageSizeLimit, StreamLimits
 from orders.observability import Metrics, log_access_json, use_json_logging
 from orders.service import OrderService, new_feed
-from orders.storage import Storage
+from orders.storage import DatabaseUnusable, redacted
+from orders.storage_threads import Storage
+from orders.workers import supervise
 
 log = logging.getLogger(__name__)
 
 AFTER_GRACE = 0.5  # seconds each step of a shutdown still gets once the grace period is used up
 LINGER = 0.2  # seconds a drained server keeps refusing calls before it closes the connections
+# How often the feed reads the event log for commits made by other processes. PostgreSQL announces them
+# (LISTEN/NOTIFY), so the poll is only a safety net; SQLite has no such signal, so sibling workers poll
+# often: one indexed read of the log's tail.
+POLL_INTERVAL = 0.25
+SQLITE_SIBLING_POLL_INTERVAL = 0.02
 
 # Reflection serves our own descriptors plus grpc.health.v1 and itself, so grpcurl needs no proto files.
 _DESCRIPTORS = default_google_proto_descriptor_pool
@@ -49,7 +57,8 @@ class OrderServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.storage = Storage(config.db, retention_events=config.retention_events)
-        self.feed = new_feed(self.storage)
+        siblings_unannounced = config.workers > 1 and not self.storage.is_postgresql
+        self.feed = new_feed(self.storage, SQLITE_SIBLING_POLL_INTERVAL if siblings_unannounced else POLL_INTERVAL)
         self.service = OrderService(self.storage, self.feed)
         self.health = Health({self.service: []})  # SERVING for "" and for orders.v1.OrderService
         services = [self.service, self.health]
@@ -73,22 +82,8 @@ class OrderServer:
         self._calls = CallMiddleware(guards, observers)
         self._server = Server(handlers, codec=StrictProtoCodec())
         self._calls.install(self._server)
-        self._connections: set[H2Protocol] = set()  # the open ones, to close them on stop()
-        make_protocol = self._server._protocol_factory
-
-        def protocol_factory() -> H2Protocol:
-            protocol = make_protocol()
-            self._connections.add(protocol)
-            protocol_lost = protocol.connection_lost
-
-            def connection_lost(exc: BaseException | None) -> None:
-                self._connections.discard(protocol)
-                protocol_lost(exc)
-
-            protocol.connection_lost = connection_lost  # type: ignore[method-assign]
-            return protocol
-
-        self._server._protocol_factory = protocol_factory  # type: ignore[method-assign]
+        self._connections = Connections(self._server)  # the open ones, to close them on stop()
+        self._commit_listener: asyncio.Task[None] | None = None  # PostgreSQL LISTEN: other replicas' commits
         self.port = 0
         self.abandoned_database_work = False  # set by stop() when a storage thread would not finish
 
@@ -96,9 +91,12 @@ class OrderServer:
         """Open the database, start serving, and return the port actually bound."""
         await self.storage.open()
         await self.feed.start()
+        self._commit_listener = self.storage.listen_for_commits(self.feed.notify)
         if self.metrics is not None and self.config.metrics_port is not None:
             self.metrics_port = self.metrics.start(self.config.host, self.config.metrics_port)
-        await self._server.start(self.config.host, self.config.port, ssl=self._ssl)
+        # With --workers, every worker listens on the same port and the kernel spreads connections.
+        reuse_port = self.config.workers > 1 or None
+        await self._server.start(self.config.host, self.config.port, ssl=self._ssl, reuse_port=reuse_port)
         sockets = self._server._server.sockets if self._server._server else ()
         self.port = sockets[0].getsockname()[1] if sockets else self.config.port
         return self.port
@@ -109,6 +107,10 @@ class OrderServer:
         deadline = loop.time() + self.config.grace
         self._server._server.close()  # stop accepting connections
         await self.feed.close()
+        if self._commit_listener is not None:
+            self._commit_listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._commit_listener
         if not await self._calls.drain(self.config.grace):
             log.warning("calls still running after %.1fs grace; cancelling them", self.config.grace)
         self._server.close()  # cancels the calls still running: each ends with UNAVAILABLE
@@ -119,10 +121,7 @@ class OrderServer:
             await asyncio.sleep(min(LINGER, max(deadline - loop.time(), 0.0)))
         # Then close the clients' connections, which a client may keep open forever: since Python 3.12.1
         # asyncio's Server.wait_closed (under grpclib's) waits until every connection has ended.
-        for protocol in list(self._connections):
-            connection = getattr(protocol, "connection", None)
-            if connection is not None:
-                connection.close()
+        self._connections.close_all()
         try:
             await asyncio.wait_for(self._server.wait_closed(), max(deadline - loop.time(), AFTER_GRACE))
         except asyncio.TimeoutError:
@@ -143,7 +142,12 @@ class OrderServer:
         await self.stop()
 
 
-async def serve(config: ServerConfig) -> None:
+def announce(port: int) -> None:
+    """The startup line: printed (and flushed) once the server accepts connections."""
+    print(f"Server started on port {port}", flush=True)
+
+
+async def serve(config: ServerConfig, on_started: Callable[[int], None] = announce) -> None:
     """Run a server until SIGINT or SIGTERM, then shut it down gracefully."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -153,10 +157,17 @@ async def serve(config: ServerConfig) -> None:
         order_server = OrderServer(config)
     except SecurityConfigError as exc:  # a bad token, certificate or key: one clear line, no traceback
         raise SystemExit(f"orders serve: {exc}") from None
-    async with order_server as server:
-        print(f"Server started on port {server.port}", flush=True)
+    try:
+        await order_server.start()
+    except DatabaseUnusable as exc:
+        await order_server.storage.close(timeout=AFTER_GRACE)
+        raise SystemExit(f"orders serve: the database {redacted(config.db)} is unusable: {exc}") from None
+    try:
+        on_started(order_server.port)
         await stop.wait()
         log.info("shutting down")
+    finally:
+        await order_server.stop()
     log.info("stopped")
     if order_server.abandoned_database_work:
         # The interpreter would join the stuck storage thread at exit (up to the busy timeout, or forever
@@ -172,13 +183,19 @@ def configure_logging(level: str, log_format: str = "text") -> None:
         use_json_logging()
 
 
+def run(config: ServerConfig) -> None:
+    """Serve until SIGINT or SIGTERM: in this process, or with ``--workers N`` in N worker processes."""
+    configure_logging(config.log_level, config.log_format)
+    if config.workers > 1:
+        sys.exit(supervise(config))
+    asyncio.run(serve(config))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``python -m orders.server``."""
     parser = argparse.ArgumentParser(prog="orders serve", description="Run the orders gRPC server.")
     add_server_arguments(parser)
-    config = config_from_args(parser.parse_args(argv))
-    configure_logging(config.log_level, config.log_format)
-    asyncio.run(serve(config))
+    run(config_from_args(parser.parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -13,44 +13,42 @@ from typing import Any
 from orders import domain, wire
 from orders._proto.orders.v1 import (
     CancelOrderRequest,
-    CancelOrderResponse,
     CreateOrderRequest,
-    CreateOrderResponse,
     GetOrderRequest,
-    GetOrderResponse,
     ListOrdersRequest,
-    ListOrdersResponse,
-    Order,
     OrderServiceBase,
     OrderStatusStreamRequest,
-    StatusUpdate,
     UpdateOrderStatusRequest,
-    UpdateOrderStatusResponse,
 )
+from orders.calls import FramedMessages, framed, send_framed
 from orders.feed import Feed
-from orders.storage import Storage
+from orders.storage_threads import Storage
 
 
-def new_feed(storage: Storage) -> Feed[StatusUpdate]:
-    """A feed over ``storage``'s event log that renders wire StatusUpdates."""
+def new_feed(storage: Storage, poll_interval: float) -> Feed[FramedMessages]:
+    """A feed over ``storage``'s event log that renders each event once, as a framed wire StatusUpdate; it
+    reads the log for other processes' commits every ``poll_interval`` s, besides whenever it is notified."""
     repository = storage.repository
     return Feed(
         read_events=lambda after, order_ids, limit: storage.read(repository.events_after, after, order_ids, limit),
         read_bounds=lambda: storage.read(repository.log_bounds),
-        render=wire.status_update,
-        render_heartbeat=wire.heartbeat,
+        render=lambda event: framed(wire.status_update(event)),
+        render_heartbeat=lambda head: framed(wire.heartbeat(head)),
+        poll_interval=poll_interval,
     )
 
 
 class OrderService(OrderServiceBase):
     """orders.v1.OrderService over a :class:`Storage` and its :class:`Feed`."""
 
-    def __init__(self, storage: Storage, feed: Feed[StatusUpdate]) -> None:
+    def __init__(self, storage: Storage, feed: Feed[FramedMessages]) -> None:
         self._storage = storage
         self._repository = storage.repository
         self._feed = feed
 
-    async def create_order(self, message: CreateOrderRequest) -> CreateOrderResponse:
+    # Replies are protobuf-runtime messages of the declared types' descriptors (see orders.wire).
+
+    async def create_order(self, message: CreateOrderRequest) -> wire.Reply:  # type: ignore[override]
         new = domain.validate_new_order(
             [(item.product_name, item.quantity, item.price) for item in message.items],
             message.total_amount,
@@ -60,40 +58,42 @@ class OrderService(OrderServiceBase):
         order, event = await self._storage.write(self._repository.create_order, new, request_id)
         if event is not None:
             self._feed.notify()
-        return CreateOrderResponse(order=wire.order_message(order))
+        return wire.order_reply(wire.CREATE_ORDER, order)
 
-    async def get_order(self, message: GetOrderRequest) -> GetOrderResponse:
+    async def get_order(self, message: GetOrderRequest) -> wire.Reply:  # type: ignore[override]
         order_id = domain.parse_order_id(message.id)
         order = await self._storage.read(self._repository.get_order, order_id)
-        return GetOrderResponse(order=wire.order_message(order))
+        return wire.order_reply(wire.GET_ORDER, order)
 
-    async def update_order_status(self, message: UpdateOrderStatusRequest) -> UpdateOrderStatusResponse:
+    async def update_order_status(self, message: UpdateOrderStatusRequest) -> wire.Reply:  # type: ignore[override]
         order = await self._change_status(message.id, domain.parse_status(message.status), message.expected_version)
-        return UpdateOrderStatusResponse(order=order)
+        return wire.order_reply(wire.UPDATE_ORDER_STATUS, order)
 
-    async def cancel_order(self, message: CancelOrderRequest) -> CancelOrderResponse:
+    async def cancel_order(self, message: CancelOrderRequest) -> wire.Reply:  # type: ignore[override]
         order = await self._change_status(message.id, domain.Status.CANCELLED, message.expected_version)
-        return CancelOrderResponse(order=order)
+        return wire.order_reply(wire.CANCEL_ORDER, order)
 
-    async def _change_status(self, raw_id: str, target: domain.Status, expected_version: int) -> Order:
+    async def _change_status(self, raw_id: str, target: domain.Status, expected_version: int) -> domain.Order:
         order_id = domain.parse_order_id(raw_id)
         expected = domain.parse_expected_version(expected_version)
         order, event = await self._storage.write(self._repository.change_status, order_id, target, expected)
         if event is not None:
             self._feed.notify()
-        return wire.order_message(order)
+        return order
 
-    async def list_orders(self, message: ListOrdersRequest) -> ListOrdersResponse:
+    async def list_orders(self, message: ListOrdersRequest) -> wire.Reply:  # type: ignore[override]
         query = domain.parse_list_query(message.page_size, message.page_token, message.statuses)
         orders, last_key = await self._storage.read(self._repository.list_orders, query)
         token = "" if last_key is None else domain.encode_page_token(query.statuses, last_key)
-        return ListOrdersResponse(orders=[wire.order_message(o) for o in orders], next_page_token=token)
+        return wire.list_orders_reply(orders, token)
 
-    async def order_status_stream(self, message: OrderStatusStreamRequest) -> AsyncIterator[StatusUpdate]:
+    async def order_status_stream(  # type: ignore[override]  # StatusUpdates, sent pre-encoded
+        self, message: OrderStatusStreamRequest
+    ) -> AsyncIterator[FramedMessages]:
         query = domain.parse_watch_query(message.order_ids, message.after_sequence, message.heartbeat_seconds)
-        async with contextlib.aclosing(self._feed.watch(query)) as updates:  # see below
-            async for update in updates:
-                yield update
+        async with contextlib.aclosing(self._feed.watch(query)) as batches:  # see below
+            async for batch in batches:
+                yield FramedMessages(b"".join(batch))
 
     async def _call_rpc_handler_server_stream(self, handler: Callable[..., Any], stream: Any, request: Any) -> None:
         """betterproto2's loop that sends a server stream, but closing the generator however it ends.
@@ -106,4 +106,4 @@ class OrderService(OrderServiceBase):
         """
         async with contextlib.aclosing(handler(request)) as responses:
             async for response in responses:
-                await stream.send_message(response)
+                await send_framed(stream, response)

@@ -1,31 +1,42 @@
-"""Persistence: peewee models and the repository. The only module that knows SQL or peewee.
+"""Persistence: peewee models and the repository. The only module that knows SQL.
 
-The repository's methods are synchronous and run on the storage threads (:class:`Storage`), never on
-the event loop: one writer thread serialises every write transaction (``BEGIN IMMEDIATE`` on SQLite),
-and one reader thread serves reads, which SQLite's WAL mode lets run beside the writer.
+The repository's methods are synchronous and run on the storage threads (:mod:`orders.storage_threads`),
+never on the event loop.
+
+Write transactions are serialised across every process sharing the database: ``BEGIN IMMEDIATE`` on
+SQLite, a transaction-level advisory lock on PostgreSQL. That is what makes the event log's sequence
+order equal its commit order (a PostgreSQL sequence hands out numbers at insert time, so two unserialised
+transactions could commit 6 before 5, and a tailer that had read 6 would never see 5), and since a writer
+takes that lock before any row lock, replicas racing on one order cannot deadlock.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import queue
-import threading
+import contextlib
+import logging
 import time
-from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+import urllib.parse
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import peewee
 from playhouse import db_url
 
 from orders import domain
 from orders.domain import Item, ListQuery, NewOrder, Order, Status, StatusEvent
-from orders.errors import Aborted, AlreadyExists, NotFound, Unavailable
+from orders.errors import Aborted, AlreadyExists, NotFound
 
 SCHEMA_VERSION = 1
 DEFAULT_DB_URL = "sqlite:///orders.db"
+# PostgreSQL: the advisory lock every write transaction holds ("orders.w" as a bigint), and the channel
+# (orders_events) a commit that appended events notifies, so every replica's feed reads the log at once
+# instead of at its next poll.
+WRITE_LOCK_KEY = int.from_bytes(b"orders.w", "big")
+NOTIFY_EVENTS_SQL = "SELECT pg_notify('orders_events', '')"
+LISTEN_EVENTS_SQL = "LISTEN orders_events"
+LISTEN_RETRY_MAX = 5.0  # seconds between attempts to re-establish a lost LISTEN connection, at most
+POSTGRES_CONNECT_TIMEOUT = 5  # seconds; a URL may set its own ``connect_timeout``
 SQLITE_PRAGMAS = {
     "journal_mode": "wal",
     "synchronous": "full",
@@ -43,8 +54,12 @@ SQLITE_PRAGMAS = {
 PRUNE_SLACK_MAX = 1024
 PRUNE_BATCH_MAX = 4096
 
-P = ParamSpec("P")
-R = TypeVar("R")
+
+log = logging.getLogger(__name__)
+
+
+class DatabaseUnusable(Exception):
+    """The database cannot be opened or used by this server (unreachable, no driver, newer schema)."""
 
 
 class _Model(peewee.Model):
@@ -53,7 +68,7 @@ class _Model(peewee.Model):
 
 
 class OrderRow(_Model):
-    key = peewee.AutoField()  # creation order: the keyset for paging
+    key = peewee.BigAutoField()  # creation order: the keyset for paging
     id = peewee.CharField(max_length=36, unique=True)
     status = peewee.SmallIntegerField()
     total_cents = peewee.BigIntegerField()
@@ -68,7 +83,7 @@ class OrderRow(_Model):
 
 
 class ItemRow(_Model):
-    key = peewee.AutoField()
+    key = peewee.BigAutoField()
     order = peewee.ForeignKeyField(OrderRow, field="key", column_name="order_key", on_delete="CASCADE", index=False)
     position = peewee.IntegerField()
     id = peewee.CharField(max_length=36)
@@ -82,7 +97,7 @@ class ItemRow(_Model):
 
 
 class EventRow(_Model):
-    sequence = peewee.AutoField()
+    sequence = peewee.BigAutoField()  # INTEGER PRIMARY KEY on SQLite, BIGSERIAL on PostgreSQL
     order_id = peewee.CharField(max_length=36)
     previous = peewee.SmallIntegerField(null=True)
     status = peewee.SmallIntegerField()
@@ -114,10 +129,27 @@ MODELS: tuple[type[_Model], ...] = (OrderRow, ItemRow, EventRow, IdempotencyRow,
 
 
 def open_database(url: str) -> peewee.Database:
-    """Open a database from a ``playhouse.db_url`` URL, with the durability settings for SQLite."""
+    """Open a database from a ``playhouse.db_url`` URL: SQLite with its durability settings, or PostgreSQL
+    (``postgresql://user@host:port/dbname``, needs the ``postgres`` extra) with a connect timeout."""
     if url.startswith("sqlite"):
         return db_url.connect(url, pragmas=SQLITE_PRAGMAS, timeout=10)
-    return db_url.connect(url)
+    database = db_url.connect(url)
+    if isinstance(database, peewee.PostgresqlDatabase):
+        database.connect_params.setdefault("connect_timeout", POSTGRES_CONNECT_TIMEOUT)
+    return database
+
+
+def redacted(url: str) -> str:
+    """``url`` with its password, if any, replaced by ``***``: fit for logs and error messages."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
+
+
+def is_postgresql(database: peewee.Database) -> bool:
+    """True for PostgreSQL, the scale-out backend."""
+    return isinstance(database, peewee.PostgresqlDatabase)
 
 
 def now_us() -> int:
@@ -132,6 +164,7 @@ class Repository:
         if retention_events < 0:
             raise ValueError(f"retention_events must be 0 (keep every event) or more, not {retention_events}")
         self.database = database
+        self._postgresql = is_postgresql(database)
         self.retention_events = retention_events
         self.prune_slack = max(1, min(retention_events // 16, PRUNE_SLACK_MAX))
         self._pruned_through: int | None = None  # writer thread only; None: not known yet
@@ -146,23 +179,35 @@ class Repository:
         self._order_by_id_sql = self._order_columns().where(self._orders.id == "").sql()[0]
         self._items_of_order_sql = self._item_columns().where(self._items.order == 0).sql()[0]
 
-    def write_transaction(self) -> peewee._atomic:
-        """A write transaction: BEGIN IMMEDIATE on SQLite (a savepoint when one is already open)."""
-        if isinstance(self.database, peewee.SqliteDatabase):
-            return self.database.atomic("IMMEDIATE")
-        return self.database.atomic()
+    @contextlib.contextmanager
+    def write_transaction(self) -> Iterator[None]:
+        """A write transaction holding the database-wide write lock (a savepoint when one is already open).
+
+        SQLite: ``BEGIN IMMEDIATE``. PostgreSQL: ``pg_advisory_xact_lock``, taken first thing and held to
+        the commit or rollback.
+        """
+        if not self._postgresql:
+            with self.database.atomic("IMMEDIATE"):
+                yield
+            return
+        outermost = not self.database.in_transaction()
+        with self.database.atomic():
+            if outermost:
+                self.database.execute_sql("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK_KEY,))
+            yield
 
     # --- schema ------------------------------------------------------------------------------
 
     def migrate(self) -> None:
         """Create the schema if missing; refuse a database written by a newer schema."""
         with self.write_transaction():
-            self.database.create_tables(list(self._models.values()), safe=True)
+            for model in self._models.values():  # in MODELS order: referenced tables first
+                model.create_table(safe=True)
             found = self._schema.select(peewee.fn.MAX(self._schema.version)).scalar()
             if found is None:
                 self._schema.insert(version=SCHEMA_VERSION).execute()
             elif found > SCHEMA_VERSION:
-                raise RuntimeError(
+                raise DatabaseUnusable(
                     f"database schema version {found} is newer than this server's {SCHEMA_VERSION}; upgrade orders"
                 )
 
@@ -262,6 +307,8 @@ class Repository:
 
     def _append_event(self, order_id: str, previous: Status | None, status: Status, now: int) -> StatusEvent:
         sequence = self._events.insert(order_id=order_id, previous=previous, status=status, time_us=now).execute()
+        if self._postgresql:  # delivered at commit, and only if this transaction commits
+            self.database.execute_sql(NOTIFY_EVENTS_SQL)
         if self.retention_events:
             self._prune(sequence)
         return StatusEvent(sequence, order_id, previous, status, now)
@@ -272,7 +319,7 @@ class Repository:
         Invariant: the head (the event just appended, in this same transaction) is never deleted, since
         everything deleted is at most ``head - retention_events`` and ``retention_events >= 1``. So once
         an event exists the log is never empty again, and sequence numbers are never reused: SQLite's
-        ``INTEGER PRIMARY KEY`` (peewee's AutoField, no AUTOINCREMENT) hands out MAX(sequence) + 1, which
+        ``INTEGER PRIMARY KEY`` (peewee's BigAutoField, no AUTOINCREMENT) hands out MAX(sequence) + 1, which
         would restart from a lower number if the newest events could be deleted.
         """
         e = self._events
@@ -353,156 +400,29 @@ class Repository:
         return (first or 1, head or 0)
 
 
+async def listen_for_commits(database: peewee.PostgresqlDatabase, on_commit: Callable[[], None]) -> None:
+    """Call ``on_commit`` whenever any process commits status events, until cancelled: LISTEN on a
+    connection of its own, reconnecting with backoff. Notifications are only a wake-up (the log is the
+    truth), so ``on_commit`` also runs after every (re)connect: for anything sent while it was down."""
+    import psycopg  # the ``postgres`` extra; only PostgreSQL URLs get here
+
+    connect_params = {"dbname": database.database, **database.connect_params}
+    delay = 0.1
+    while True:
+        try:
+            async with await psycopg.AsyncConnection.connect(autocommit=True, **connect_params) as connection:
+                await connection.execute(LISTEN_EVENTS_SQL)
+                delay = 0.1
+                on_commit()
+                async for _ in connection.notifies():
+                    on_commit()
+        except psycopg.Error as exc:
+            log.warning("listening for commits failed (%s); retrying in %.1fs, polling the log meanwhile", exc, delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, LISTEN_RETRY_MAX)
+
+
 def _bind(model: type[_Model], database: peewee.Database) -> type[_Model]:
     """A subclass of ``model`` bound to ``database``, so several databases can live in one process."""
     meta = type("Meta", (), {"database": database, "table_name": model._meta.table_name})
     return type(model.__name__, (model,), {"Meta": meta, "__module__": __name__})
-
-
-def _call_translating_errors(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-    """Call ``fn``, reporting a database that cannot be reached or is locked as Unavailable."""
-    try:
-        return fn(*args, **kwargs)
-    except Exception as exc:
-        translated = _translated(exc)
-        if translated is exc:
-            raise
-        raise translated from exc
-
-
-@dataclass(slots=True)
-class _WriteJob:
-    fn: Callable[[], Any]
-    future: Future[Any]
-    transactional: bool
-
-
-class GroupCommitWriter:
-    """The one writer thread. Jobs queued while a transaction commits are run together in the next one:
-    each in its own savepoint (a job is a repository write, whose ``write_transaction()`` nests as one,
-    so a failing job rolls back only itself and gets its own error), all made durable by a single
-    commit (one fsync), and only then is any caller answered.
-    """
-
-    def __init__(self, repository: Repository, max_batch: int = 256) -> None:
-        self._repository = repository
-        self._max_batch = max_batch
-        self._jobs: queue.SimpleQueue[_WriteJob | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._serve, name="orders-db-writer", daemon=True)
-        self._thread.start()
-
-    def submit(self, fn: Callable[[], R], *, transactional: bool = True) -> Future[R]:
-        """Queue ``fn``; its future resolves once its transaction has committed."""
-        future: Future[R] = Future()
-        self._jobs.put(_WriteJob(fn, future, transactional))
-        return future
-
-    def stop(self) -> None:
-        """Let the thread finish the queued jobs and end."""
-        self._jobs.put(None)
-
-    def _serve(self) -> None:
-        stopping = False
-        while not stopping:
-            job = self._jobs.get()
-            if job is None:
-                return
-            batch = [job]
-            while len(batch) < self._max_batch:
-                try:
-                    queued = self._jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if queued is None:
-                    stopping = True
-                    break
-                batch.append(queued)
-            self._run_batch(batch)
-
-    def _run_batch(self, batch: list[_WriteJob]) -> None:
-        # A job whose caller gave up (cancelled, deadline) before it started is not run at all; once
-        # marked running its future can no longer be cancelled, so settling it below cannot fail.
-        batch = [job for job in batch if job.future.set_running_or_notify_cancel()]
-        for job in (j for j in batch if not j.transactional):  # e.g. closing the connection
-            _settle(job.future, functools.partial(_call_translating_errors, job.fn))
-        jobs = [j for j in batch if j.transactional]
-        if not jobs:
-            return
-        outcomes: list[tuple[Any, BaseException | None]] = []
-
-        def run_all() -> None:
-            with self._repository.write_transaction():
-                for job in jobs:
-                    try:  # each repository write opens its own write_transaction(): here, a savepoint
-                        outcomes.append((job.fn(), None))
-                    except Exception as exc:
-                        outcomes.append((None, exc))
-
-        try:
-            _call_translating_errors(run_all)
-        except BaseException as exc:  # BEGIN or COMMIT failed: nothing of the batch is durable
-            for job in jobs:
-                job.future.set_exception(exc)
-            return
-        for job, (result, error) in zip(jobs, outcomes, strict=True):
-            if error is None:
-                job.future.set_result(result)
-            else:
-                job.future.set_exception(_translated(error))
-
-
-def _settle(future: Future[Any], fn: Callable[[], Any]) -> None:
-    try:
-        future.set_result(fn())
-    except BaseException as exc:
-        future.set_exception(exc)
-
-
-def _translated(error: BaseException) -> BaseException:
-    if isinstance(error, (peewee.OperationalError, peewee.InterfaceError)):
-        return Unavailable(f"the database is unavailable ({error}); retry later")
-    return error
-
-
-class Storage:
-    """Runs repository calls off the event loop: writes on the group-commit writer thread, reads on a
-    reader thread."""
-
-    def __init__(self, url: str = DEFAULT_DB_URL, *, retention_events: int = 0) -> None:
-        self.url = url
-        self.repository = Repository(open_database(url), retention_events)
-        self._writer = GroupCommitWriter(self.repository)
-        self._reader = ThreadPoolExecutor(1, thread_name_prefix="orders-db-reader")
-
-    async def write(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-        """Run ``fn``, a repository write, on the writer thread, in a transaction shared with other queued writes."""
-        return await asyncio.wrap_future(self._writer.submit(functools.partial(fn, *args, **kwargs)))
-
-    async def read(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-        """Run ``fn`` on the reader thread."""
-        call = functools.partial(_call_translating_errors, fn, *args, **kwargs)
-        return await asyncio.get_running_loop().run_in_executor(self._reader, call)
-
-    async def open(self) -> None:
-        """Create or check the schema."""
-        await self.write(self.repository.migrate)
-
-    async def close(self, timeout: float | None = None) -> bool:
-        """Close each thread's connection and stop the threads; False if that took over ``timeout`` s.
-
-        Work still running on a thread (a write waiting for another process's lock, say) is waited for
-        at most ``timeout`` s (None: as long as it takes). On False the threads are left to the end of the
-        process, where SQLite discards any transaction they had not committed, as after a crash.
-        """
-        try:
-            await asyncio.wait_for(self._close_threads(), timeout)
-        except asyncio.TimeoutError:
-            return False
-        return True
-
-    async def _close_threads(self) -> None:
-        close = self.repository.database.close
-        await asyncio.wrap_future(self._writer.submit(close, transactional=False))
-        self._writer.stop()
-        await self.read(close)
-        self._reader.shutdown(wait=True)

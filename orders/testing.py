@@ -2,6 +2,8 @@
 
 * :func:`serve` runs a real server on a temporary database and yields a connected
   :class:`~orders.client.OrderClient` (like ``grpclib.testing.ChannelFor``, but over a real socket).
+* :func:`temporary_database` makes a fresh, empty database: a temporary SQLite file, or, when
+  ``ORDERS_TEST_DATABASE`` holds a PostgreSQL URL, a new database on that server, dropped afterwards.
 * Hypothesis strategies for valid and invalid requests.
 * :class:`OrderStateMachine`, a stateful model of the service to check it (or a fork of it) against.
 
@@ -12,7 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import tempfile
+import urllib.parse
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +35,45 @@ from orders.server import OrderServer, ServerConfig
 T = TypeVar("T")
 
 
+DATABASE_ENV = "ORDERS_TEST_DATABASE"
+
+
+@contextlib.contextmanager
+def temporary_database(server: str | None = None) -> Iterator[str]:
+    """The URL of a fresh, empty database, deleted afterwards.
+
+    ``server`` (default: ``$ORDERS_TEST_DATABASE``, else ``sqlite``) is ``sqlite`` for a file in a temporary
+    directory, or the URL of any database on a PostgreSQL server (``postgresql://postgres@127.0.0.1:5432/test``)
+    to create a new database there, named ``orders_test_…``, and drop it afterwards.
+    """
+    server = server or os.environ.get(DATABASE_ENV) or "sqlite"
+    if server == "sqlite":
+        with tempfile.TemporaryDirectory(prefix="orders-") as tmp:
+            yield f"sqlite:///{Path(tmp) / 'orders.db'}"
+        return
+    import psycopg  # the ``postgres`` extra
+    from psycopg import sql
+
+    name = f"orders_test_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(_libpq_url(server), autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield urllib.parse.urlsplit(server)._replace(path=f"/{name}").geturl()
+    finally:
+        with psycopg.connect(_libpq_url(server), autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def _libpq_url(url: str) -> str:
+    """A playhouse ``postgres(ql)://`` URL as libpq reads it (it knows only the ``postgresql`` scheme)."""
+    return urllib.parse.urlsplit(url)._replace(scheme="postgresql").geturl()
+
+
 @contextlib.asynccontextmanager
 async def running_server(db: str | None = None, **config: object) -> AsyncIterator[OrderServer]:
-    """A started :class:`OrderServer` on a free port and, unless ``db`` is given, a temporary SQLite file."""
-    with tempfile.TemporaryDirectory(prefix="orders-") as tmp:
-        url = db or f"sqlite:///{Path(tmp) / 'orders.db'}"
+    """A started :class:`OrderServer` on a free port and, unless ``db`` is given, a :func:`temporary_database`."""
+    with contextlib.ExitStack() as stack:
+        url = db or stack.enter_context(temporary_database())
         async with OrderServer(ServerConfig(port=0, db=url, **config)) as server:  # type: ignore[arg-type]
             yield server
 
@@ -148,7 +187,8 @@ class OrderStateMachine(RuleBasedStateMachine):
     """Drives random create/update/cancel/get/list sequences through :class:`OrderClient` against a
     real server and checks every reply, and the contents of a watch stream, against an in-memory model.
 
-    Subclass and set ``db`` to run it against another database URL (default: a temporary SQLite file).
+    Each example runs on a fresh :func:`temporary_database` (``ORDERS_TEST_DATABASE`` picks SQLite or
+    PostgreSQL); subclass and set ``db`` to use one given database URL instead, which must start empty.
     Run it with ``TestOrders = OrderStateMachine.TestCase``.
     """
 

@@ -21,7 +21,8 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``python -m orders.server`` on a fixed port and SQLite file; stderr goes to a log file.
+    """``python -m orders.server`` on a fixed port and database (the ``database_url`` fixture); stderr
+    goes to a log file.
 
     ``args`` are extra server flags (e.g. ``["--grace", "1"]``), ``env`` extra environment variables;
     both apply to every (re)start.
@@ -30,14 +31,14 @@ class ServerProcess:
     def __init__(
         self,
         tmp_path: Path,
+        db: str,
         port: int | None = None,
         *,
         args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
     ) -> None:
         self.port = port or free_port()
-        self.db_path = tmp_path / "o.db"
-        self.db = f"sqlite:///{self.db_path}"
+        self.db = db
         self.log = tmp_path / "server.log"
         self.args = list(args)
         self.env = dict(env or {})

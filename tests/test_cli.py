@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from orders.testing import temporary_database
+
 ORDERS = str(Path(sys.executable).parent / "orders")
 STARTED = "Server started on port "
 TIMEOUT = 20
@@ -68,13 +70,11 @@ def stop(process: subprocess.Popen[bytes]) -> int:
 
 
 @pytest.fixture(scope="module")
-def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``host:port`` of a ``python -m orders.server`` process on a fresh temporary database."""
+def target(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``host:port`` of a ``python -m orders.server`` process on a fresh temporary database of the backend."""
     tmp = tmp_path_factory.mktemp("cli")
-    with open(tmp / "server.log", "wb") as log:
-        server = spawn(
-            sys.executable, "-m", "orders.server", "--port", "0", "--db", f"sqlite:///{tmp}/o.db", stderr=log
-        )
+    with temporary_database() as db, open(tmp / "server.log", "wb") as log:
+        server = spawn(sys.executable, "-m", "orders.server", "--port", "0", "--db", db, stderr=log)
         try:
             yield f"127.0.0.1:{wait_for_start(server)}"
         finally:
@@ -316,8 +316,8 @@ def test_bad_target_is_a_usage_error() -> None:
 # --- serve / demo / python -m orders -------------------------------------------------------------------
 
 
-def test_serve_prints_started_line_and_exits_0_on_sigterm(tmp_path: Path) -> None:
-    server = spawn(ORDERS, "serve", "--port", "0", "--db", f"sqlite:///{tmp_path}/s.db", stderr=subprocess.DEVNULL)
+def test_serve_prints_started_line_and_exits_0_on_sigterm(database_url: str) -> None:
+    server = spawn(ORDERS, "serve", "--port", "0", "--db", database_url, stderr=subprocess.DEVNULL)
     try:
         port = wait_for_start(server)
         assert_fails(call(f"127.0.0.1:{port}", "get", str(uuid.uuid4())), "NOT_FOUND")  # it really serves

@@ -22,6 +22,8 @@ P, C, S, D, X = Status.PENDING, Status.CONFIRMED, Status.SHIPPED, Status.DELIVER
 DESIGN_ALLOWED = {(P, C), (P, X), (C, S), (C, X), (S, D), (S, X)}
 ALL_PAIRS = [(a, b) for a in Status for b in Status]
 
+pytestmark = pytest.mark.database_free
+
 
 def token(payload: object) -> str:
     """A page token built by hand, the way a tampering client would."""

@@ -1,8 +1,8 @@
 """Interop: the official grpcio client, health checker and reflection client against our grpclib server.
 
-The server runs as a real process (``python -m orders.server --port 0``). The client stubs are generated from
-the repo's ``order.proto`` with grpcio-tools at test time, so these tests see the wire contract the way any other
-gRPC implementation does, not through our own generated code.
+The server runs as a real process (``python -m orders.server --port 0``), on SQLite and on PostgreSQL. The client
+stubs are generated from the repo's ``order.proto`` with grpcio-tools at test time, so these tests see the wire
+contract the way any other gRPC implementation does, not through our own generated code.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ import grpc
 import pytest
 from descriptor_shapes import field_shapes
 from grpc_tools import protoc
+
+from orders.testing import temporary_database
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE = Path(__file__).resolve().parent / "grpcio_probe.py"
@@ -71,12 +73,13 @@ def pb(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     return SimpleNamespace(pb2=modules["order_pb2"], grpc=modules["order_pb2_grpc"])
 
 
-def start_server(workdir: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
-    """Start ``python -m orders.server --port 0`` on a fresh database; return it, its port and its log file."""
+def start_server(workdir: Path, db: str) -> tuple[subprocess.Popen[bytes], int, Path]:
+    """Start ``python -m orders.server --port 0`` on the fresh database ``db``; return it, its port and its log
+    file."""
     log_path = workdir / "server.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "orders.server", "--port", "0", "--db", f"sqlite:///{workdir / 'o.db'}"],
+            [sys.executable, "-m", "orders.server", "--port", "0", "--db", db],
             cwd=ROOT,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -116,13 +119,14 @@ def stop_server(process: subprocess.Popen[bytes], log_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    """The port of a real server process on a fresh temporary SQLite database."""
-    process, bound, log_path = start_server(tmp_path_factory.mktemp("interop-server"))
-    try:
-        yield bound
-    finally:
-        stop_server(process, log_path)
+def port(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """The port of a real server process on a fresh temporary database of the backend."""
+    with temporary_database() as db:
+        process, bound, log_path = start_server(tmp_path_factory.mktemp("interop-server"), db)
+        try:
+            yield bound
+        finally:
+            stop_server(process, log_path)
 
 
 @pytest.fixture(scope="module")

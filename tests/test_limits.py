@@ -133,7 +133,8 @@ async def admitted(server: OrderServer, channel: Channel) -> Watcher:
     before = server.stream_limits.open, server.feed.watcher_count
     watcher = Watcher(channel)
     await eventually(
-        lambda: watcher.task.done() or (server.stream_limits.open, server.feed.watcher_count) > before,
+        lambda: watcher.task.done()
+        or (server.stream_limits.open > before[0] and server.feed.watcher_count > before[1]),
         "the stream to be admitted",
     )
     assert not watcher.task.done(), f"the stream ended: {watcher.error!r}"
@@ -168,7 +169,7 @@ async def channels(server: OrderServer) -> AsyncIterator[list[Channel]]:
 
 
 async def test_the_flags_and_their_environment_twins_set_the_limits(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("ORDERS_MAX_STREAMS_PER_CONNECTION", "4")
     parser = argparse.ArgumentParser()
@@ -179,7 +180,7 @@ async def test_the_flags_and_their_environment_twins_set_the_limits(
                 "--port",
                 "0",
                 "--db",
-                f"sqlite:///{tmp_path / 'o.db'}",
+                database_url,
                 "--max-message-bytes",
                 "100",
                 "--max-watchers",
@@ -366,7 +367,7 @@ async def test_counted_limits_at_their_boundaries(
     assert await order_count(server) == (1 if method == "CreateOrder" and code == "OK" else 0)
 
 
-async def test_no_request_within_the_size_limit_stalls_the_server(tmp_path: Path) -> None:
+async def test_no_request_within_the_size_limit_stalls_the_server(tmp_path: Path, database_url: str) -> None:
     """The worst messages of 4 MiB, each while another client keeps asking for its health: no answer to that
     client may take long (before the counts and the unknown-field cap: stalls of 13 s to 4 minutes). A server
     process of its own, so that a stalled server cannot stall the test's timeouts too."""
@@ -376,7 +377,7 @@ async def test_no_request_within_the_size_limit_stalls_the_server(tmp_path: Path
         "OrderStatusStream": f_bytes(1, b"") * (2 * MIB - 4),  # two million empty order ids
         "GetOrder": f_varint(999, 1) * (4 * MIB // 3 - 2),  # 1.4 million unknown fields
     }
-    process = ServerProcess(tmp_path)
+    process = ServerProcess(tmp_path, database_url)
     await process.start()
     channel = Channel("127.0.0.1", process.port)
     loop = asyncio.get_running_loop()

@@ -1,7 +1,8 @@
 """Observability for operators: Prometheus metrics and the structured (JSON) access and server log.
 
 Metrics are checked on an in-process server by scraping its real HTTP endpoint; logs on a real
-``python -m orders.server`` process by reading its stderr after it exits.
+``python -m orders.server`` process by reading its stderr after it exits. Every test that runs a server
+runs on SQLite and on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import logging
 import os
 import re
 import signal
-import sqlite3
 import sys
 import urllib.error
 import urllib.request
@@ -44,6 +44,7 @@ from orders._proto.orders.v1 import (
 )
 from orders.calls import CallRecord
 from orders.observability import DURATION_BUCKETS, JsonFormatter, Metrics
+from orders.storage import open_database
 from orders.testing import running_server
 
 TIMEOUT = 10.0
@@ -212,7 +213,7 @@ async def test_metrics_count_every_call_by_method_and_code_and_track_watchers_an
             ]
             inf = samples[("orders_call_duration_seconds_bucket", labels | {("le", "+Inf")})]
             assert buckets == sorted(buckets) and buckets[-1] <= inf == count, (method, buckets, inf)
-        # A unary call on a local SQLite database finishes well inside the histogram's range.
+        # A unary call on a local database (SQLite or PostgreSQL) finishes well inside the histogram's range.
         get = frozenset({("method", GET)})
         assert samples[("orders_call_duration_seconds_bucket", get | {("le", "5.0")})] == per_method[GET]
 
@@ -302,16 +303,15 @@ class ServerRun:
     process: asyncio.subprocess.Process
     port: int
     log: Path
-    db: Path
+    db: str  # the database URL
 
     def lines(self) -> list[str]:
         return self.log.read_text().splitlines()
 
 
 @asynccontextmanager
-async def server_process(tmp_path: Path, *args: str) -> AsyncIterator[ServerRun]:
-    """Run the server with ``args``; on exit, SIGTERM it and assert it exited 0."""
-    db = tmp_path / "o.db"
+async def server_process(tmp_path: Path, db: str, *args: str) -> AsyncIterator[ServerRun]:
+    """Run the server on the database ``db`` with ``args``; on exit, SIGTERM it and assert it exited 0."""
     log = tmp_path / "server.log"
     with log.open("wb") as stderr:
         process = await asyncio.create_subprocess_exec(
@@ -321,7 +321,7 @@ async def server_process(tmp_path: Path, *args: str) -> AsyncIterator[ServerRun]
             "--port",
             "0",
             "--db",
-            f"sqlite:///{db}",
+            db,
             *args,
             stdout=asyncio.subprocess.PIPE,
             stderr=stderr,
@@ -340,6 +340,28 @@ async def server_process(tmp_path: Path, *args: str) -> AsyncIterator[ServerRun]
             await process.wait()
 
 
+def freeze(url: str) -> None:
+    """What an operator might do to the running server's database: a trigger that makes every insert into
+    "order" fail with "frozen by ops" (SQLite, or a PL/pgSQL trigger function on PostgreSQL)."""
+    database = open_database(url)
+    try:
+        with database.atomic():
+            if url.startswith("sqlite"):
+                database.execute_sql(
+                    "CREATE TRIGGER freeze BEFORE INSERT ON \"order\" BEGIN SELECT RAISE(ABORT, 'frozen by ops'); END"
+                )
+            else:
+                database.execute_sql(
+                    "CREATE FUNCTION ops_freeze() RETURNS trigger LANGUAGE plpgsql "
+                    "AS $$ BEGIN RAISE EXCEPTION 'frozen by ops'; END $$"
+                )
+                database.execute_sql(
+                    'CREATE TRIGGER ops_freeze BEFORE INSERT ON "order" FOR EACH ROW EXECUTE FUNCTION ops_freeze()'
+                )
+    finally:
+        database.close()
+
+
 def parse_json_lines(lines: list[str]) -> list[dict]:
     entries = []
     for line in lines:
@@ -354,8 +376,10 @@ def parse_json_lines(lines: list[str]) -> list[dict]:
     return entries
 
 
-async def test_json_log_has_one_access_line_per_call_with_method_code_peer_and_request_id(tmp_path: Path) -> None:
-    async with server_process(tmp_path, "--log-format", "json", "--metrics-port", "0") as run:
+async def test_json_log_has_one_access_line_per_call_with_method_code_peer_and_request_id(
+    tmp_path: Path, database_url: str
+) -> None:
+    async with server_process(tmp_path, database_url, "--log-format", "json", "--metrics-port", "0") as run:
         async with channel_to(run.port) as channel:
             stub = OrderServiceStub(channel)
             calls: dict[str, tuple[str, str]] = {}  # x-request-id sent -> (method, code) the client saw
@@ -397,11 +421,7 @@ async def test_json_log_has_one_access_line_per_call_with_method_code_peer_and_r
 
             # An operator's trigger makes every insert fail: a fault the server cannot classify, so INTERNAL,
             # and the error message names the request id under which the log has the details.
-            with sqlite3.connect(run.db, timeout=TIMEOUT) as db:
-                db.execute(
-                    "CREATE TRIGGER freeze BEFORE INSERT ON \"order\" BEGIN SELECT RAISE(ABORT, 'frozen by ops'); END"
-                )
-            db.close()
+            freeze(run.db)
             internal_id = f"internal-{uuid.uuid4().hex[:8]}"
             calls[internal_id] = (CREATE, "INTERNAL")
             error = await expect_error(
@@ -443,8 +463,8 @@ async def test_json_log_has_one_access_line_per_call_with_method_code_peer_and_r
     assert "Traceback" in failure["exc_info"] and "frozen by ops" in failure["exc_info"]
 
 
-async def test_text_log_format_is_unchanged(tmp_path: Path) -> None:
-    async with server_process(tmp_path) as run, channel_to(run.port) as channel:
+async def test_text_log_format_is_unchanged(tmp_path: Path, database_url: str) -> None:
+    async with server_process(tmp_path, database_url) as run, channel_to(run.port) as channel:
         await expect_error(
             OrderServiceStub(channel).get_order(
                 GetOrderRequest(id=str(uuid.uuid4())), metadata={"x-request-id": "text-1"}, timeout=TIMEOUT

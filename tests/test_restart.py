@@ -55,8 +55,8 @@ async def populate(client: OrderClient) -> list[str]:
     return ids
 
 
-async def test_everything_survives_a_restart_and_the_log_continues(tmp_path):
-    server = ServerProcess(tmp_path)
+async def test_everything_survives_a_restart_and_the_log_continues(tmp_path, database_url):
+    server = ServerProcess(tmp_path, database_url)
     await server.start()
     try:
         async with OrderClient(server.target, retry=RETRY) as client:
@@ -107,8 +107,8 @@ async def test_everything_survives_a_restart_and_the_log_continues(tmp_path):
         await server.kill()
 
 
-async def test_restart_of_an_empty_database(tmp_path):
-    server = ServerProcess(tmp_path)
+async def test_restart_of_an_empty_database(tmp_path, database_url):
+    server = ServerProcess(tmp_path, database_url)
     await server.start()
     try:
         assert await server.stop() == 0
@@ -123,8 +123,8 @@ async def test_restart_of_an_empty_database(tmp_path):
         await server.kill()
 
 
-async def test_sigterm_during_a_burst_of_writes_loses_no_acknowledged_order(tmp_path):
-    server = ServerProcess(tmp_path)
+async def test_sigterm_during_a_burst_of_writes_loses_no_acknowledged_order(tmp_path, database_url):
+    server = ServerProcess(tmp_path, database_url)
     await server.start()
     channel = Channel("127.0.0.1", server.port)
     stub = OrderServiceStub(channel)

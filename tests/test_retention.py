@@ -1,6 +1,7 @@
 """Event-log retention (``--retention-events N``): the log keeps the newest N events, sequence numbers
 carry on across restarts, ``after_sequence`` older than the log is OUT_OF_RANGE, and a stream that falls
-past the retained log ends with OUT_OF_RANGE instead of skipping events (DESIGN.md "Stream semantics")."""
+past the retained log ends with OUT_OF_RANGE instead of skipping events (DESIGN.md "Stream semantics").
+Every test runs on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from orders.config import add_server_arguments, config_from_args
 from orders.errors import OutOfRange
 from orders.server import OrderServer
 from orders.storage import Repository, open_database
-from orders.testing import running_server
+from orders.testing import running_server, temporary_database
 
 RETAINED = 5
 
@@ -117,9 +118,9 @@ def _count_and_bounds(repository: Repository) -> tuple[int, int, int]:
     return len(repository.events_after(0, (), 10**9)), first, head
 
 
-def test_a_large_retention_prunes_in_batches_within_the_documented_slack(tmp_path):
+def test_a_large_retention_prunes_in_batches_within_the_documented_slack(database_url):
     """N = 64: slack 64 // 16 = 4, so the log always holds N to N + 3 events and is pruned every 4th append."""
-    repository = Repository(open_database(f"sqlite:///{tmp_path / 'o.db'}"), retention_events=64)
+    repository = Repository(open_database(database_url), retention_events=64)
     repository.migrate()
     assert repository.prune_slack == 4
     sizes = set()
@@ -134,9 +135,9 @@ def test_a_large_retention_prunes_in_batches_within_the_documented_slack(tmp_pat
     repository.database.close()
 
 
-def test_a_lower_retention_on_an_existing_log_trims_it_a_batch_per_append(tmp_path, monkeypatch):
+def test_a_lower_retention_on_an_existing_log_trims_it_a_batch_per_append(database_url, monkeypatch):
     monkeypatch.setattr(storage, "PRUNE_BATCH_MAX", 10)
-    url = f"sqlite:///{tmp_path / 'o.db'}"
+    url = database_url
     keep_all = Repository(open_database(url))
     keep_all.migrate()
     _append(keep_all, 40)
@@ -208,9 +209,10 @@ async def test_the_client_library_reports_out_of_range_and_does_not_retry_it():
 
 
 @pytest.mark.parametrize("retained", [1, RETAINED])
-async def test_sequence_numbers_carry_on_across_a_restart(tmp_path, retained):
-    """The head is never pruned, so SQLite (MAX(rowid) + 1) cannot hand out a used sequence again."""
-    url = f"sqlite:///{tmp_path / 'orders.db'}"
+async def test_sequence_numbers_carry_on_across_a_restart(database_url, retained):
+    """The head is never pruned, so SQLite (MAX(rowid) + 1) cannot hand out a used sequence again; on
+    PostgreSQL the BIGSERIAL's sequence carries on by itself, and must not be reset by the restart."""
+    url = database_url
     async with retaining(retained, url) as (server, stub):
         await twenty_events(stub)
         assert await bounds(server) == (21 - retained, 20)
@@ -241,8 +243,8 @@ async def take(updates: AsyncIterator[StatusUpdate], n: int) -> list[StatusUpdat
     return await asyncio.wait_for(collect(), 10)
 
 
-async def test_the_flag_prunes_in_a_real_server_process_and_numbering_survives_a_restart(tmp_path):
-    server = ServerProcess(tmp_path, args=["--retention-events", str(RETAINED)])
+async def test_the_flag_prunes_in_a_real_server_process_and_numbering_survives_a_restart(tmp_path, database_url):
+    server = ServerProcess(tmp_path, database_url, args=["--retention-events", str(RETAINED)])
     await server.start()
     try:
         async with OrderClient(server.target, timeout=10) as client:
@@ -267,8 +269,8 @@ def test_a_negative_retention_is_refused_with_a_clear_message():
     add_server_arguments(parser)
     with pytest.raises(SystemExit, match="retention-events"):
         config_from_args(parser.parse_args(["--retention-events", "-1"]))
-    with pytest.raises(ValueError):
-        Repository(open_database("sqlite:///:memory:"), retention_events=-1)
+    with temporary_database() as url, pytest.raises(ValueError):
+        Repository(open_database(url), retention_events=-1)
 
 
 # --- streams that fall past the retained log -----------------------------------------------------

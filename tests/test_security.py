@@ -46,7 +46,7 @@ from orders.calls import Call
 from orders.client import Item, OrderClient
 from orders.errors import Unauthenticated, Unavailable
 from orders.server import OrderServer, ServerConfig
-from orders.testing import running_server
+from orders.testing import running_server, temporary_database
 
 TOKEN = f"s3cr3t-{uuid.uuid4().hex}"
 WRONG = f"wr0ng-{uuid.uuid4().hex}"
@@ -257,9 +257,9 @@ def test_the_guard_compares_in_constant_time(monkeypatch: pytest.MonkeyPatch) ->
 
 
 @pytest.mark.parametrize("token", ["", "has space", "tab\there", "naïve", "new\nline"])
-def test_an_unusable_token_is_refused_without_echoing_it(token: str, tmp_path: Path) -> None:
+def test_an_unusable_token_is_refused_without_echoing_it(token: str, database_url: str) -> None:
     with pytest.raises(SecurityConfigError) as server_error:
-        OrderServer(ServerConfig(port=0, db=f"sqlite:///{tmp_path}/o.db", token=token))
+        OrderServer(ServerConfig(port=0, db=database_url, token=token))
     with pytest.raises(ValueError) as client_error:
         OrderClient("127.0.0.1:1", token=token)
     for error in (server_error.value, client_error.value):
@@ -270,11 +270,14 @@ def test_an_unusable_token_is_refused_without_echoing_it(token: str, tmp_path: P
 # --- the token never reaches the log (a real server process at debug level) ----------------------------------
 
 
-def start_server(tmp: Path, *args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    """``python -m orders.server --port 0`` on a fresh database, stderr to ``tmp/server.log``; and its target."""
+def start_server(
+    tmp: Path, db: str, *args: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """``python -m orders.server --port 0`` on the fresh database ``db``, stderr to ``tmp/server.log``; and its
+    target."""
     with open(tmp / "server.log", "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "orders.server", "--port", "0", "--db", f"sqlite:///{tmp}/o.db", *args],
+            [sys.executable, "-m", "orders.server", "--port", "0", "--db", db, *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=log,
@@ -290,8 +293,10 @@ def start_server(tmp: Path, *args: str, env: dict[str, str] | None = None) -> tu
 
 
 @pytest.mark.parametrize("log_format", ["text", "json"])
-async def test_the_token_never_reaches_the_log(tmp_path: Path, log_format: str) -> None:
-    process, target = start_server(tmp_path, "--token", TOKEN, "--log-level", "debug", "--log-format", log_format)
+async def test_the_token_never_reaches_the_log(tmp_path: Path, database_url: str, log_format: str) -> None:
+    process, target = start_server(
+        tmp_path, database_url, "--token", TOKEN, "--log-level", "debug", "--log-format", log_format
+    )
     try:
         for token in (None, WRONG):
             async with OrderClient(target, token=token, timeout=TIMEOUT) as refused:
@@ -445,19 +450,21 @@ async def test_a_watch_over_tls_ends_cleanly(
     ],
 )
 def test_unusable_tls_files_fail_at_startup(
-    certs: SimpleNamespace, tmp_path: Path, cert: str, key: str, message: str
+    certs: SimpleNamespace, tmp_path: Path, database_url: str, cert: str, key: str, message: str
 ) -> None:
     def path(name: str) -> str:
         return str(tmp_path / "missing.pem") if name == "missing" else str(getattr(certs, name))
 
     with pytest.raises(SecurityConfigError) as caught:
-        OrderServer(ServerConfig(port=0, db=f"sqlite:///{tmp_path}/o.db", tls_cert=path(cert), tls_key=path(key)))
+        OrderServer(ServerConfig(port=0, db=database_url, tls_cert=path(cert), tls_key=path(key)))
     assert message in str(caught.value)
 
 
-def test_the_server_process_reports_unreadable_tls_files_in_one_line(certs: SimpleNamespace, tmp_path: Path) -> None:
+def test_the_server_process_reports_unreadable_tls_files_in_one_line(
+    certs: SimpleNamespace, tmp_path: Path, database_url: str
+) -> None:
     missing = tmp_path / "nope.pem"
-    command = [sys.executable, "-m", "orders.server", "--port", "0", "--db", f"sqlite:///{tmp_path}/o.db"]
+    command = [sys.executable, "-m", "orders.server", "--port", "0", "--db", database_url]
     command += ["--tls-cert", str(missing), "--tls-key", str(certs.key)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT * 2)
     assert result.returncode == 1
@@ -471,18 +478,20 @@ def test_the_server_process_reports_unreadable_tls_files_in_one_line(certs: Simp
 
 
 @pytest.fixture(scope="module")
-def secure_target(tmp_path_factory: pytest.TempPathFactory, certs: SimpleNamespace) -> Iterator[str]:
-    """A server process serving TLS (flags) and requiring TOKEN (given as ORDERS_TOKEN)."""
+def secure_target(backend: str, tmp_path_factory: pytest.TempPathFactory, certs: SimpleNamespace) -> Iterator[str]:
+    """A server process on a fresh database of the backend, serving TLS (flags) and requiring TOKEN (given as
+    ORDERS_TOKEN)."""
     tmp = tmp_path_factory.mktemp("secure-server")
-    process, target = start_server(
-        tmp, "--tls-cert", str(certs.chain), "--tls-key", str(certs.key), env={"ORDERS_TOKEN": TOKEN}
-    )
-    try:
-        yield target
-    finally:
-        stop(process)
-        log = (tmp / "server.log").read_text(errors="replace")
-        assert TOKEN not in log and WRONG not in log
+    with temporary_database() as db:
+        process, target = start_server(
+            tmp, db, "--tls-cert", str(certs.chain), "--tls-key", str(certs.key), env={"ORDERS_TOKEN": TOKEN}
+        )
+        try:
+            yield target
+        finally:
+            stop(process)
+            log = (tmp / "server.log").read_text(errors="replace")
+            assert TOKEN not in log and WRONG not in log
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -599,12 +608,25 @@ def _dynamic_string(node: ast.expr, assignments: dict[str, list[ast.expr]], seen
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add) and not constants:
         return "string concatenation"
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("format", "join"):
+        if _psycopg_composition(node):
+            return ""
         return f".{node.func.attr}()"
     if isinstance(node, ast.Name) and node.id not in seen:  # follow a variable assigned in the same scope
         for value in assignments.get(node.id, []):
             if how := _dynamic_string(value, assignments, seen | {node.id}):
                 return f"{how} (via {node.id})"
     return ""
+
+
+def _psycopg_composition(node: ast.Call) -> bool:
+    """``sql.SQL("... {} ...").format(sql.Identifier(name))``: psycopg quotes identifiers itself."""
+
+    def called(expr: ast.expr, name: str) -> bool:
+        return isinstance(expr, ast.Call) and getattr(expr.func, "attr", getattr(expr.func, "id", "")) == name
+
+    receiver = node.func.value  # type: ignore[attr-defined]
+    literal_template = called(receiver, "SQL") and all(isinstance(a, ast.Constant) for a in receiver.args)
+    return literal_template and all(called(a, "Identifier") for a in [*node.args, *(k.value for k in node.keywords)])
 
 
 def find_string_built_sql(source: str, filename: str = "<source>") -> list[str]:
@@ -643,6 +665,7 @@ db.execute_sql("SELECT * FROM t WHERE id = '%s'" % order_id)
 Model.raw("SELECT * FROM t WHERE id = {}".format(order_id))
 peewee.SQL("status = " + status)
 cursor.execute(sql="DELETE FROM t WHERE id = " + order_id)
+admin.execute(sql.SQL("DROP DATABASE {}").format(name))
 def query(order_id):
     statement = f"SELECT * FROM t WHERE id = {order_id}"
     return db.execute_sql(statement)
@@ -652,7 +675,7 @@ def query2(ids):
     return db.cursor().execute(sql)
 """
     assert [line.split(": ", 1)[0] for line in find_string_built_sql(bad)] == [
-        f"<source>:{n}" for n in (2, 3, 4, 5, 6, 9, 13)
+        f"<source>:{n}" for n in (2, 3, 4, 5, 6, 7, 10, 14)
     ]
     good = """
 db.execute_sql("SELECT * FROM t WHERE id = ?", (order_id,))
@@ -660,6 +683,7 @@ Model.raw("SELECT * FROM t WHERE id = ?", order_id)
 peewee.SQL("status = ?", [status])
 query.execute()
 db.execute_sql("SELECT 1 " "FROM t")
+admin.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(name)))
 """
     assert find_string_built_sql(good) == []
 

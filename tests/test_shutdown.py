@@ -3,9 +3,11 @@ every watch with UNAVAILABLE, lets the unary calls already running finish, refus
 after it began with UNAVAILABLE, loses no acknowledged write, and exits 0 -- within ``--grace``: a call
 still running when the grace period is over is cancelled and the process exits 0 all the same.
 
-Calls are kept genuinely in flight by holding SQLite's write lock from the test (``BEGIN IMMEDIATE`` on
-the server's own file), so the server's writes wait on its busy timeout exactly as they would behind
-another writer; the load test needs no lock, only many concurrent writers.
+Every test runs on SQLite and on PostgreSQL. Calls are kept genuinely in flight by holding the database's
+write lock from the test, so the server's writes wait exactly as they would behind another writer: on
+SQLite ``BEGIN IMMEDIATE`` on the server's own file (they wait on its busy timeout), on PostgreSQL the
+advisory lock every write transaction of the server takes first (``WRITE_LOCK_KEY``, held here at session
+level). The load test needs no lock, only many concurrent writers.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ import random
 import signal
 import sqlite3
 import time
-from collections.abc import Awaitable, Iterator
+import urllib.parse
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,6 +30,7 @@ from grpclib.client import Channel
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from server_process import ServerProcess
 
+from orders import storage
 from orders._proto.orders.v1 import (
     CreateOrderRequest,
     GetOrderRequest,
@@ -67,16 +70,47 @@ async def call(awaitable: Awaitable[Any]) -> tuple[Any, str]:
 
 
 @contextlib.contextmanager
-def write_lock(path: Path) -> Iterator[sqlite3.Connection]:
-    """Hold SQLite's write lock on ``path`` (as another writer would) until the block ends."""
-    db = sqlite3.connect(path, isolation_level=None, timeout=5)
+def write_lock(url: str) -> Iterator[Callable[[], None]]:
+    """Hold the write lock of the database at ``url`` (as another writer would) until the block ends or
+    the yielded ``release()`` is called: SQLite's (``BEGIN IMMEDIATE``), or on PostgreSQL the advisory lock
+    every write transaction takes first, here session-level on a connection of the test's own."""
+    if url.startswith("sqlite"):
+        db = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None, timeout=5)
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            yield lambda: db.execute("ROLLBACK").close()
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            db.close()
+        return
+    import psycopg
+
+    libpq_url = urllib.parse.urlsplit(url)._replace(scheme="postgresql").geturl()  # libpq knows no playhouse schemes
+    with psycopg.connect(libpq_url, autocommit=True, connect_timeout=5) as pg:
+        pg.execute("SELECT pg_advisory_lock(%s)", (storage.WRITE_LOCK_KEY,))
+        held = True
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                unlocked = pg.execute("SELECT pg_advisory_unlock(%s)", (storage.WRITE_LOCK_KEY,)).fetchone()
+                assert unlocked == (True,), "the test did not hold the write lock"
+
+        try:
+            yield release
+        finally:
+            release()
+
+
+def event_count(url: str) -> int:
+    """How many events the database holds, read directly (the server stopped)."""
+    database = storage.open_database(url)
     try:
-        db.execute("BEGIN IMMEDIATE")
-        yield db
+        return database.execute_sql("SELECT COUNT(*) FROM status_event").fetchone()[0]
     finally:
-        with contextlib.suppress(sqlite3.Error):
-            db.execute("ROLLBACK")
-        db.close()
+        database.close()
 
 
 @dataclass
@@ -138,11 +172,11 @@ async def replay(stub: OrderServiceStub, count: int) -> list[StatusUpdate]:
 
 
 @pytest.mark.parametrize("signum", SIGNALS)
-async def test_in_flight_calls_finish_and_late_calls_are_refused(tmp_path, signum):
+async def test_in_flight_calls_finish_and_late_calls_are_refused(tmp_path, database_url, signum):
     """11 writes held in flight by the lock at the signal: the watches end UNAVAILABLE at once, calls
     arriving while the server drains are refused with UNAVAILABLE (and do nothing), new connections are
     refused, the server waits for the writes, which all succeed once the lock goes, then exits 0."""
-    server = ServerProcess(tmp_path, args=["--grace", "10"])
+    server = ServerProcess(tmp_path, database_url, args=["--grace", "10"])
     channels = [Channel("127.0.0.1", server.port) for _ in range(8)]
     stubs = [OrderServiceStub(channel) for channel in channels]
     try:
@@ -162,7 +196,7 @@ async def test_in_flight_calls_finish_and_late_calls_are_refused(tmp_path, signu
         for watch in watches:
             await watch.until(5)  # every watch is open and live
 
-        with write_lock(server.db_path) as lock:
+        with write_lock(database_url) as release:
             # calls that reach the server and wait for the database: in flight when the signal comes
             creates = [
                 asyncio.create_task(
@@ -210,7 +244,7 @@ async def test_in_flight_calls_finish_and_late_calls_are_refused(tmp_path, signu
 
             assert not any(task.done() for task in in_flight), "the in-flight calls must still be running"
             assert server.running, "the server exited before its in-flight calls finished"
-            lock.execute("ROLLBACK")  # let the writes through
+            release()  # let the writes through
             released = time.monotonic()
 
             results = await asyncio.wait_for(asyncio.gather(*in_flight), 15)
@@ -249,18 +283,19 @@ async def test_in_flight_calls_finish_and_late_calls_are_refused(tmp_path, signu
         await server.kill()
 
 
-async def test_a_call_outlasting_the_grace_period_is_cancelled_and_the_server_still_exits_0(tmp_path):
+async def test_a_call_outlasting_the_grace_period_is_cancelled_and_the_server_still_exits_0(tmp_path, database_url):
     """Writes stuck behind a lock held past ``--grace 1``: at the end of the grace period they are cancelled
-    with UNAVAILABLE, and the process exits 0 at once rather than when SQLite's busy timeout (10 s) ends
-    the stuck database call; the cancelled writes did nothing."""
+    with UNAVAILABLE, and the process exits 0 at once rather than when the stuck database call ends (on
+    SQLite's busy timeout, 10 s; on PostgreSQL, never while the lock is held); the cancelled writes did
+    nothing."""
     grace = 1.0
-    server = ServerProcess(tmp_path, args=["--grace", str(grace)])
+    server = ServerProcess(tmp_path, database_url, args=["--grace", str(grace)])
     channels = [Channel("127.0.0.1", server.port) for _ in range(4)]
     stubs = [OrderServiceStub(channel) for channel in channels]
     try:
         await server.start()
         setup = (await stubs[0].create_order(CreateOrderRequest(items=items("setup")), timeout=T)).order
-        with write_lock(server.db_path):  # held well past the grace period
+        with write_lock(database_url):  # held well past the grace period
             in_flight = [
                 asyncio.create_task(call(stub.create_order(CreateOrderRequest(items=items(f"stuck {i}")), timeout=T)))
                 for i, stub in enumerate(stubs[1:])
@@ -292,8 +327,7 @@ async def test_a_call_outlasting_the_grace_period_is_cancelled_and_the_server_st
         assert stored == {setup.id: setup}, "a cancelled call wrote nothing"
         assert [u.sequence for u in await replay(stubs[0], 1)] == [1]
         assert await server.stop() == 0
-        with contextlib.closing(sqlite3.connect(server.db_path)) as db:
-            assert db.execute("SELECT COUNT(*) FROM status_event").fetchone() == (1,)
+        assert event_count(database_url) == 1
     finally:
         for channel in channels:
             channel.close()
@@ -301,14 +335,14 @@ async def test_a_call_outlasting_the_grace_period_is_cancelled_and_the_server_st
 
 
 @pytest.mark.parametrize("signum", SIGNALS)
-async def test_signal_under_load_loses_no_acknowledged_write(tmp_path, signum):
+async def test_signal_under_load_loses_no_acknowledged_write(tmp_path, database_url, signum):
     """16 writers flat out plus watchers, and the signal at a random moment: every call ends OK or
     UNAVAILABLE (or finds the port closed, if it starts once the server is gone), every watch ends
     UNAVAILABLE, and after a restart the database holds exactly what was acknowledged: an UNAVAILABLE
     call did nothing, so it is safe to retry."""
     writers = 16
     rng = random.Random()
-    server = ServerProcess(tmp_path)
+    server = ServerProcess(tmp_path, database_url)
     channels = [Channel("127.0.0.1", server.port) for _ in range(writers + 1)]
     acked: dict[str, Order] = {}  # order id -> last acknowledged reply
     refused: list[str] = []  # product names of creates answered UNAVAILABLE

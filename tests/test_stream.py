@@ -584,8 +584,8 @@ async def test_client_cancel_or_disconnect_ends_the_server_generator(server, how
             await watch.close()
 
 
-async def test_server_shutdown_ends_streams_with_unavailable(tmp_path):
-    server = OrderServer(ServerConfig(port=0, db=f"sqlite:///{tmp_path / 'orders.db'}"))
+async def test_server_shutdown_ends_streams_with_unavailable(database_url):
+    server = OrderServer(ServerConfig(port=0, db=database_url))
     await server.start()
     channel = Channel("127.0.0.1", server.port)
     stub = OrderServiceStub(channel)

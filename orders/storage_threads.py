@@ -1,0 +1,240 @@
+"""The storage threads: every database call runs on one of them, never on the event loop.
+
+:class:`Storage` is what the service uses: writes go to the group-commit writer thread, reads to a
+reader thread (SQLite's WAL mode lets them run side by side; PostgreSQL reads never wait for writes).
+Each thread takes whatever jobs have queued up as one batch and answers the batch's callers with a
+single wake-up of their event loop, instead of one thread-pool future and one wake-up per call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
+
+import peewee
+
+from orders.errors import Unavailable
+from orders.storage import (
+    DEFAULT_DB_URL,
+    DatabaseUnusable,
+    Repository,
+    is_postgresql,
+    listen_for_commits,
+    open_database,
+)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+MAX_BATCH = 256  # jobs per batch: per transaction on the writer
+
+
+@dataclass(slots=True)
+class _Job:
+    fn: Callable[[], Any]
+    future: asyncio.Future[Any]
+    transactional: bool = True  # writer only: False runs it outside the batch's transaction
+
+
+Outcome = tuple[asyncio.Future[Any], Any, BaseException | None]
+
+
+class DatabaseThread:
+    """One thread with its own connection, running queued jobs in batches."""
+
+    def __init__(self, database: peewee.Database, name: str) -> None:
+        self.database = database
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    async def run(self, fn: Callable[[], R], *, transactional: bool = True) -> R:
+        """Queue ``fn`` and wait for its result. A caller that gives up before it starts (cancelled, a
+        deadline) keeps it from running; once started it runs to the end."""
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._jobs.put(_Job(fn, future, transactional))
+        return await future
+
+    def stop(self) -> None:
+        """Let the thread finish the queued jobs and end."""
+        self._jobs.put(None)
+
+    def _serve(self) -> None:
+        stopping = False
+        while not stopping:
+            job = self._jobs.get()
+            if job is None:
+                return
+            batch = [job]
+            while len(batch) < MAX_BATCH:
+                try:
+                    queued = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if queued is None:
+                    stopping = True
+                    break
+                batch.append(queued)
+            live = [job for job in batch if not job.future.cancelled()]
+            if live:
+                _answer(self._run_batch(live))
+
+    def _run_batch(self, batch: list[_Job]) -> list[Outcome]:
+        return [self._run_one(job) for job in batch]
+
+    def _run_one(self, job: _Job) -> Outcome:
+        try:
+            return job.future, call_translating_errors(self.database, job.fn), None
+        except Exception as exc:
+            return job.future, None, exc
+
+
+class GroupCommitWriter(DatabaseThread):
+    """The one writer thread. Jobs queued while a transaction commits are run together in the next one:
+    each in its own savepoint (a job is a repository write, whose ``write_transaction()`` nests as one,
+    so a failing job rolls back only itself and gets its own error), all made durable by a single
+    commit (one fsync), and only then is any caller answered.
+    """
+
+    def __init__(self, repository: Repository) -> None:
+        self._repository = repository
+        super().__init__(repository.database, "orders-db-writer")
+
+    def _run_batch(self, batch: list[_Job]) -> list[Outcome]:
+        outcomes = [self._run_one(job) for job in batch if not job.transactional]  # e.g. closing
+        jobs = [job for job in batch if job.transactional]
+        if not jobs:
+            return outcomes
+        results: list[tuple[Any, BaseException | None]] = []
+
+        def run_all() -> None:
+            with self._repository.write_transaction():
+                for job in jobs:
+                    try:  # each repository write opens its own write_transaction(): here, a savepoint
+                        results.append((job.fn(), None))
+                    except Exception as exc:
+                        results.append((None, translated(exc)))
+
+        try:
+            call_translating_errors(self.database, run_all)
+        except Exception as exc:  # BEGIN or COMMIT failed: nothing of the batch is durable
+            return outcomes + [(job.future, None, exc) for job in jobs]
+        return outcomes + [(job.future, result, error) for job, (result, error) in zip(jobs, results, strict=True)]
+
+
+def _answer(outcomes: list[Outcome]) -> None:
+    """Hand the outcomes to their event loop(s), one wake-up per loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[Outcome]] = {}
+    for outcome in outcomes:
+        by_loop.setdefault(outcome[0].get_loop(), []).append(outcome)
+    for loop, settled in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop is closed: its callers are gone
+            loop.call_soon_threadsafe(_settle, settled)
+
+
+def _settle(outcomes: list[Outcome]) -> None:
+    for future, result, error in outcomes:
+        if future.cancelled():
+            continue
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+
+def call_translating_errors(database: peewee.Database, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+    """Call ``fn``, reporting a database that cannot be reached or is locked as Unavailable.
+
+    A connection the database server dropped (a restart, a terminated backend) is closed here, so this
+    thread's next call opens a new one instead of failing on the dead one forever.
+    """
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:
+        error = translated(exc)
+        if error is exc:
+            raise
+        _forget_lost_connection(database)
+        raise error from exc
+
+
+def translated(error: Exception) -> Exception:
+    """``error``, or Unavailable for a database that cannot be reached or is locked."""
+    if isinstance(error, (peewee.OperationalError, peewee.InterfaceError)):
+        return Unavailable(f"the database is unavailable ({error}); retry later")
+    return error
+
+
+def _forget_lost_connection(database: peewee.Database) -> None:
+    if database.is_closed():
+        return
+    connection = database.connection()
+    if getattr(connection, "closed", False) or getattr(connection, "broken", False):  # psycopg's flags
+        with contextlib.suppress(peewee.PeeweeException, OSError):
+            database.close()
+
+
+class Storage:
+    """Runs repository calls off the event loop: writes on the group-commit writer thread, reads on a
+    reader thread."""
+
+    def __init__(self, url: str = DEFAULT_DB_URL, *, retention_events: int = 0) -> None:
+        self.url = url
+        self.repository = Repository(open_database(url), retention_events)
+        self._writer = GroupCommitWriter(self.repository)
+        self._reader = DatabaseThread(self.repository.database, "orders-db-reader")
+
+    async def write(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run ``fn``, a repository write, on the writer thread, in a transaction shared with other queued writes."""
+        return await self._writer.run(functools.partial(fn, *args, **kwargs))
+
+    async def read(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run ``fn`` on the reader thread."""
+        return await self._reader.run(functools.partial(fn, *args, **kwargs))
+
+    async def open(self) -> None:
+        """Connect, and create or check the schema; DatabaseUnusable if that cannot be done."""
+        try:
+            await self.write(self.repository.migrate)
+        except Unavailable as exc:
+            raise DatabaseUnusable(f"cannot reach it: {exc.__cause__}") from exc
+        except peewee.ImproperlyConfigured as exc:  # no driver for the URL's scheme
+            raise DatabaseUnusable(f"{exc} (for PostgreSQL: pip install 'orders[postgres]')") from exc
+
+    @property
+    def is_postgresql(self) -> bool:
+        """True on PostgreSQL, which announces other processes' commits (see :meth:`listen_for_commits`)."""
+        return is_postgresql(self.repository.database)
+
+    def listen_for_commits(self, on_commit: Callable[[], None]) -> asyncio.Task[None] | None:
+        """PostgreSQL: a task calling ``on_commit`` whenever any process commits status events, until
+        cancelled. None on SQLite, whose other writers are only seen by polling the log."""
+        if not self.is_postgresql:
+            return None
+        return asyncio.create_task(listen_for_commits(self.repository.database, on_commit), name="orders-listener")
+
+    async def close(self, timeout: float | None = None) -> bool:
+        """Close each thread's connection and stop the threads; False if that took over ``timeout`` s.
+
+        Work still running on a thread (a write waiting for another process's lock, say) is waited for
+        at most ``timeout`` s (None: as long as it takes). On False the threads are left to the end of the
+        process, where SQLite discards any transaction they had not committed, as after a crash.
+        """
+        try:
+            await asyncio.wait_for(self._close_threads(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def _close_threads(self) -> None:
+        close = self.repository.database.close
+        await self._writer.run(close, transactional=False)
+        self._writer.stop()
+        await self._reader.run(close)
+        self._reader.stop()

@@ -1,0 +1,129 @@
+"""``--workers N``: N server processes on one port (``SO_REUSEPORT``) and one database.
+
+The supervisor (the process ``orders serve --workers N`` starts as) runs no server itself. It starts N
+worker processes, each a complete server exactly like ``--workers 1`` but bound with ``SO_REUSEPORT``,
+so the kernel spreads new connections over them and a 2-core machine uses both cores. Workers share
+nothing but the database: a change made through any of them reaches watchers on all of them through
+the event log (PostgreSQL: LISTEN/NOTIFY wakes them at once; SQLite: each polls the log's head), which
+is also how separate replicas on several machines work.
+
+It prints ``Server started on port N`` once every worker accepts connections; SIGTERM or SIGINT is
+passed on to every worker, each drains as a single server does, and the supervisor exits 0 once all
+have. A worker that dies on its own is replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import multiprocessing
+import multiprocessing.connection
+import signal
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from multiprocessing.process import BaseProcess
+from types import FrameType
+
+from orders.config import ServerConfig
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT = 60.0  # seconds a worker gets to open the database and start listening
+RESTART_DELAY = 1.0  # seconds before a worker that died is replaced, so a crash loop does not spin
+
+
+def supervise(config: ServerConfig) -> int:
+    """Run ``config.workers`` worker processes until SIGTERM/SIGINT; the exit code for the supervisor."""
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited loop or threads
+    stopping = False
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
+    with _reserved_port(config) as port:
+        config = dataclasses.replace(config, port=port)
+        workers = [_start(context, config, index) for index in range(config.workers)]
+        if not all(_ready(worker, ready) for worker, ready in workers):
+            _stop_all([worker for worker, _ in workers])
+            return 1
+    print(f"Server started on port {port}", flush=True)
+    processes = [worker for worker, _ in workers]
+    while not stopping:
+        multiprocessing.connection.wait([p.sentinel for p in processes], timeout=0.2)
+        for index, process in enumerate(processes):
+            if process.exitcode is not None and not stopping:
+                log.error("worker %d (pid %s) exited with %s; starting a new one", index, process.pid, process.exitcode)
+                time.sleep(RESTART_DELAY)
+                replacement, ready = _start(context, config, index)
+                processes[index] = replacement if _ready(replacement, ready) else process
+    return _stop_all(processes)
+
+
+def _start(
+    context: multiprocessing.context.SpawnContext, config: ServerConfig, index: int
+) -> tuple[BaseProcess, multiprocessing.connection.Connection]:
+    receive, send = context.Pipe(duplex=False)
+    metrics_port = None if config.metrics_port is None else config.metrics_port + index
+    worker_config = dataclasses.replace(config, metrics_port=metrics_port)
+    process = context.Process(target=_worker, args=(worker_config, send), name=f"orders-worker-{index}")
+    process.start()
+    send.close()
+    return process, receive
+
+
+def _ready(process: BaseProcess, ready: multiprocessing.connection.Connection) -> bool:
+    """Wait for the worker to report that it listens; False if it exited or timed out first."""
+    with ready:
+        if ready.poll(START_TIMEOUT):
+            try:
+                ready.recv()
+                return True
+            except EOFError:  # it exited before it was ready; its own error is on stderr
+                pass
+    process.join(0.1)
+    log.error("worker %s did not start (exit code %s)", process.name, process.exitcode)
+    return False
+
+
+def _stop_all(processes: list[BaseProcess]) -> int:
+    """SIGTERM every worker still running and wait for all; 0 if every one exited cleanly."""
+    for process in processes:
+        if process.exitcode is None and process.pid is not None:
+            process.terminate()
+    for process in processes:
+        process.join()
+    return 0 if all(process.exitcode == 0 for process in processes) else 1
+
+
+def _worker(config: ServerConfig, ready: multiprocessing.connection.Connection) -> None:
+    """A worker process: one complete server on the shared port."""
+    import asyncio
+
+    from orders.server import configure_logging, serve
+
+    configure_logging(config.log_level, config.log_format)
+    with ready:
+        asyncio.run(serve(config, on_started=ready.send))
+    sys.exit(0)
+
+
+@contextlib.contextmanager
+def _reserved_port(config: ServerConfig) -> Iterator[int]:
+    """The port the workers share: ``config.port``, or for port 0 a free one, held (bound with
+    SO_REUSEPORT but not listening, so it takes no connections) until the workers listen on it."""
+    if config.port:
+        yield config.port
+        return
+    family, kind, protocol, _, address = socket.getaddrinfo(
+        config.host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    with socket.socket(family, kind, protocol) as reserved:
+        reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        reserved.bind(address)
+        yield reserved.getsockname()[1]

@@ -1,0 +1,140 @@
+"""The PostgreSQL mechanisms behind several replicas on one database (the rest of the suite runs on
+PostgreSQL too): serialised event appends, concurrent migrations, LISTEN/NOTIFY wake-ups, and recovery
+from connections the database server drops."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import psycopg
+import pytest
+from server_process import free_port
+
+import orders.server
+from orders.client import Item, OrderClient
+from orders.domain import NewOrder, Status, validate_new_order
+from orders.storage import SCHEMA_VERSION, Repository, open_database
+from orders.testing import running_server
+
+pytestmark = pytest.mark.postgresql_only
+
+TIMEOUT = 10.0
+
+
+def new_order() -> NewOrder:
+    return validate_new_order([("Widget", 1, 2.5)], 0.0, "USD")
+
+
+def test_event_appends_are_serialised_so_sequence_order_is_commit_order(database_url: str) -> None:
+    """A transaction that appended an event holds back every other writer until it ends: a later event
+    can never commit first, so a tailer that has read sequence N never finds a smaller one afterwards."""
+    first, second = (Repository(open_database(database_url)) for _ in range(2))
+    first.migrate()
+    appended = threading.Event()
+    release = threading.Event()
+
+    def slow_writer() -> int:
+        with first.write_transaction():
+            _, event = first.create_order(new_order(), None)
+            appended.set()
+            release.wait(TIMEOUT)
+        assert event is not None
+        return event.sequence
+
+    with ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(slow_writer)
+        assert appended.wait(TIMEOUT)
+        fast = pool.submit(lambda: second.create_order(new_order(), None)[1])
+        time.sleep(0.5)
+        assert not fast.done(), "a second writer appended while the first transaction was still open"
+        release.set()
+        slow_sequence, fast_event = slow.result(TIMEOUT), fast.result(TIMEOUT)
+    assert fast_event is not None and fast_event.sequence > slow_sequence
+    for repository in (first, second):
+        repository.database.close()
+
+
+def test_replicas_starting_at_once_migrate_the_schema_once(database_url: str) -> None:
+    replicas = 6
+    barrier = threading.Barrier(replicas)
+
+    def start() -> None:
+        repository = Repository(open_database(database_url))
+        barrier.wait(TIMEOUT)
+        repository.migrate()
+        repository.database.close()
+
+    with ThreadPoolExecutor(replicas) as pool:
+        for started in [pool.submit(start) for _ in range(replicas)]:
+            started.result(TIMEOUT * 3)  # no "relation already exists" or duplicate-key error
+    with psycopg.connect(database_url) as check:
+        assert check.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+
+
+async def test_a_watcher_on_another_replica_is_woken_by_notify(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With polling switched off, only NOTIFY can bring a change made through one server to another's
+    watcher."""
+    monkeypatch.setattr(orders.server, "POLL_INTERVAL", 3600.0)
+    async with (
+        running_server(database_url) as writer_server,
+        running_server(database_url) as watcher_server,
+        OrderClient(f"127.0.0.1:{writer_server.port}") as writer,
+        OrderClient(f"127.0.0.1:{watcher_server.port}") as watcher,
+    ):
+        updates = watcher.watch()  # live only
+        first = asyncio.ensure_future(updates.__anext__())
+        while watcher_server.feed.watcher_count == 0:
+            await asyncio.sleep(0.01)
+        order = await writer.create([Item("Widget", 1, 2.5)])
+        update = await asyncio.wait_for(first, TIMEOUT)
+        assert (update.order_id, Status(update.status)) == (order.id, Status.PENDING)
+        await updates.aclose()
+
+
+async def test_the_server_recovers_when_postgresql_drops_its_connections(database_url: str) -> None:
+    database = database_url.rsplit("/", 1)[1]
+    async with running_server(database_url) as server, OrderClient(f"127.0.0.1:{server.port}") as client:
+        order = await client.create([Item("Widget", 1, 2.5)])
+        seen: list[int] = []
+
+        async def watch() -> None:
+            async for update in client.watch(after_sequence=0):
+                seen.append(update.sequence)
+
+        watching = asyncio.ensure_future(watch())
+        with psycopg.connect(database_url.replace(f"/{database}", "/postgres"), autocommit=True) as admin:
+            dropped = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                (database,),
+            ).fetchall()
+        assert len(dropped) >= 3  # the writer's, the reader's and the listener's connections
+        # The client retries what is safe to retry; the server reconnects instead of failing forever.
+        assert (await client.get(order.id)).id == order.id
+        again = await client.create([Item("Widget", 2, 2.5)])
+        await client.cancel(again.id)
+        deadline = asyncio.get_running_loop().time() + TIMEOUT
+        while seen != [1, 2, 3]:
+            assert asyncio.get_running_loop().time() < deadline, seen
+            await asyncio.sleep(0.05)
+        watching.cancel()
+
+
+def test_an_unreachable_postgresql_is_a_one_line_startup_error() -> None:
+    url = f"postgresql://postgres:secret@127.0.0.1:{free_port()}/orders"
+    result = subprocess.run(
+        [sys.executable, "-m", "orders.server", "--port", "0", "--db", url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith("orders serve: the database postgresql://postgres:***@127.0.0.1:")
+    assert "Connection refused" in result.stderr and "secret" not in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,120 @@
+"""``orders serve --workers N``: N processes on one port and one database, behaving as one server.
+
+Each worker serves Prometheus metrics on its own port (``--metrics-port`` + i), which is how these tests
+see that connections really were spread over the workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+from server_process import ServerProcess, free_port
+from test_observability import calls_by_method_and_code, scrape
+
+from orders._proto.orders.v1 import OrderStatus
+from orders.client import Item, OrderClient
+
+WORKERS = 2
+CONNECTIONS = 16  # each its own TCP connection: all on one worker by chance has probability 2**-15
+TIMEOUT = 30.0
+CREATE = "/orders.v1.OrderService/CreateOrder"
+
+
+def free_port_pair() -> int:
+    """A port p with p + 1 free as well (the workers' metrics ports)."""
+    while True:
+        port = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+
+
+def worker_pids(supervisor_pid: int) -> set[int]:
+    """The supervisor's worker processes (its children running multiprocessing's spawn entry point)."""
+    children = Path(f"/proc/{supervisor_pid}/task/{supervisor_pid}/children").read_text().split()
+    return {
+        int(pid)
+        for pid in children
+        if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()  # not the resource tracker
+    }
+
+
+async def collect(client: OrderClient, count: int) -> list[tuple[int, str, int]]:
+    seen = []
+    async for update in client.watch(after_sequence=0):
+        seen.append((update.sequence, update.order_id, int(update.status)))
+        if len(seen) == count:
+            return seen
+    raise AssertionError("the watch ended")
+
+
+async def test_workers_share_the_port_and_every_watcher_sees_every_change(tmp_path: Path, database_url: str) -> None:
+    metrics = free_port_pair()
+    server = ServerProcess(tmp_path, database_url, args=["--workers", str(WORKERS), "--metrics-port", str(metrics)])
+    await server.start()
+    try:
+        assert len(worker_pids(server.process.pid)) == WORKERS
+        clients = [OrderClient(server.target) for _ in range(CONNECTIONS)]
+        try:
+            live = [asyncio.create_task(collect(client, 3 * CONNECTIONS)) for client in clients]
+            for client in clients:  # one order per connection, each confirmed and shipped
+                order = await client.create([Item("Widget", 1, 2.5)])
+                await client.update_status(order.id, OrderStatus.CONFIRMED)
+                await client.update_status(order.id, OrderStatus.SHIPPED)
+            seen = await asyncio.wait_for(asyncio.gather(*live), TIMEOUT)
+        finally:
+            for client in clients:
+                client.close()
+        # Every watcher, whichever worker it is on, saw every change once, in one sequence order.
+        assert all(s == seen[0] for s in seen)
+        sequences = [sequence for sequence, _, _ in seen[0]]
+        assert sequences == sorted(set(sequences)) and len(sequences) == 3 * CONNECTIONS
+        # ... and the connections really were served by different workers.
+        creates = [calls_by_method_and_code(await scrape(metrics + i)).get((CREATE, "OK"), 0) for i in range(WORKERS)]
+        assert sum(creates) == CONNECTIONS and all(creates), creates
+    finally:
+        assert await server.stop() == 0
+    with socket.socket() as probe:  # every worker has let go of the port
+        probe.bind(("127.0.0.1", server.port))
+
+
+async def test_a_worker_that_dies_is_replaced(tmp_path: Path, database_url: str) -> None:
+    server = ServerProcess(tmp_path, database_url, args=["--workers", str(WORKERS)])
+    await server.start()
+    try:
+        before = worker_pids(server.process.pid)
+        victim = min(before)
+        os.kill(victim, signal.SIGKILL)
+        deadline = asyncio.get_running_loop().time() + TIMEOUT
+        while len((after := worker_pids(server.process.pid)) - {victim}) < WORKERS:
+            assert asyncio.get_running_loop().time() < deadline, f"no replacement for worker {victim}: {after}"
+            await asyncio.sleep(0.1)
+        assert victim not in after
+        async with OrderClient(server.target) as client:  # the service carries on
+            order = await client.create([Item("Widget", 1, 2.5)])
+            assert (await client.get(order.id)).id == order.id
+    finally:
+        assert await server.stop() == 0
+
+
+@pytest.mark.database_free  # the database is unreachable on purpose
+async def test_workers_that_cannot_start_fail_the_supervisor() -> None:
+    unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "orders.server", "--workers", "2", "--port", "0", "--db", unreachable),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), TIMEOUT)
+    assert process.returncode == 1
+    assert b"Server started" not in out
+    assert b"did not start" in err and b"Connection refused" in err, err.decode()[-2000:]
