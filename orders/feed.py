@@ -65,13 +65,15 @@ class _Watcher(Generic[T]):
         self.live = False
         self.resume_after: int | None = None
 
-    def offer(self, sequence: int, payload: T) -> None:
+    def offer(self, entry: tuple[int, T]) -> None:
+        """Queue (sequence, payload); every watcher gets the same tuple, so an event costs one allocation
+        however many watchers it reaches (a million live tuples also made each garbage collection slow)."""
         if self.lagged:
             return
         if len(self.pending) >= self.capacity:
-            self.fall_behind(sequence - 1)
+            self.fall_behind(entry[0] - 1)
             return
-        self.pending.append((sequence, payload))
+        self.pending.append(entry)
         self.wakeup.set()
 
     def fall_behind(self, sent_through: int) -> None:
@@ -160,11 +162,11 @@ class Feed(Generic[T]):
         if events and events[0].sequence > self.head + 1:
             await self._check_retention_passed_the_tailer()
         for event in events:
-            payload = self._render(event)
+            entry = (event.sequence, self._render(event))
             for watcher in self._all_orders:
-                watcher.offer(event.sequence, payload)
+                watcher.offer(entry)
             for watcher in self._by_order.get(event.order_id, ()):
-                watcher.offer(event.sequence, payload)
+                watcher.offer(entry)
             self.head = event.sequence
         return len(events) == self._page_size
 
