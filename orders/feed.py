@@ -22,6 +22,7 @@ from orders.domain import StatusEvent, WatchQuery
 from orders.errors import OutOfRange, Unavailable
 
 T = TypeVar("T")
+YIELD_EVERY_OFFERS = 10_000  # the tailer lets the loop run other work after about this many offers
 ReadEvents = Callable[[int, Collection[str], int], Awaitable[list[StatusEvent]]]
 ReadBounds = Callable[[], Awaitable[tuple[int, int]]]
 
@@ -93,7 +94,11 @@ class _Watcher(Generic[T]):
 
 
 class Feed(Generic[T]):
-    """Fans committed status events out to watchers; ``render`` turns an event into what is sent."""
+    """Fans committed status events out to watchers; ``render`` turns an event into what is sent.
+
+    ``batch_window``: after a wake-up, a live stream waits this long for more events before it sends, so
+    that a busy feed sends each stream one batch per window instead of one write per event.
+    """
 
     def __init__(
         self,
@@ -105,6 +110,7 @@ class Feed(Generic[T]):
         queue_capacity: int = 1024,
         page_size: int = 500,
         poll_interval: float = 0.25,
+        batch_window: float = 0.0,
     ) -> None:
         self._read_events = read_events
         self._read_bounds = read_bounds
@@ -113,6 +119,7 @@ class Feed(Generic[T]):
         self._queue_capacity = queue_capacity
         self._page_size = page_size
         self._poll_interval = poll_interval
+        self._batch_window = batch_window
         self._watchers: set[_Watcher[T]] = set()
         self._all_orders: set[_Watcher[T]] = set()
         self._by_order: dict[str, set[_Watcher[T]]] = collections.defaultdict(set)
@@ -161,6 +168,7 @@ class Feed(Generic[T]):
         events = await self._read_events(self.head, (), self._page_size)
         if events and events[0].sequence > self.head + 1:
             await self._check_retention_passed_the_tailer()
+        offered = 0
         for event in events:
             entry = (event.sequence, self._render(event))
             for watcher in self._all_orders:
@@ -168,6 +176,10 @@ class Feed(Generic[T]):
             for watcher in self._by_order.get(event.order_id, ()):
                 watcher.offer(entry)
             self.head = event.sequence
+            offered += len(self._all_orders)
+            if offered >= YIELD_EVERY_OFFERS:  # thousands of watchers: let calls run within a page
+                offered = 0
+                await asyncio.sleep(0)
         return len(events) == self._page_size
 
     async def _check_retention_passed_the_tailer(self) -> None:
@@ -276,5 +288,7 @@ class Feed(Generic[T]):
                     if not await _wait(watcher.wakeup, timeout):
                         yield [self._render_heartbeat(max(self.head, cursor))]
                         last_sent = loop.time()
+                    elif self._batch_window:  # let the events committed with this one join its write
+                        await asyncio.sleep(self._batch_window)
         finally:
             self._unregister(watcher)

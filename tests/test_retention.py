@@ -280,6 +280,7 @@ async def test_a_slow_watcher_that_falls_past_the_retained_log_ends_with_out_of_
     retained = 200  # far more than the tailer ever lags here: the watcher's own lag is what is tested
     async with retaining(retained) as (server, stub):
         server.feed._queue_capacity = 4
+        server.feed._batch_window = 0  # waiting to batch would overflow a 4-entry queue by itself
         writers = [await create(stub, f"writer {i}") for i in range(3)]
         start_head = (await bounds(server))[1]
 
