@@ -233,13 +233,17 @@ class CallMiddleware:
         """Attach to ``server``; call before it starts."""
         listen(server, RecvRequest, self._wrap_call)
 
+    def refuse_new_calls(self) -> None:
+        """From now on every new call gets UNAVAILABLE."""
+        self.draining = True
+
     async def drain(self, timeout: float) -> bool:
         """Refuse new calls with UNAVAILABLE and wait up to ``timeout`` s for the running ones.
 
         On False the caller cancels the calls still running (grpclib's ``Server.close``); each of them
         then ends with UNAVAILABLE rather than a stream reset, since the server goes away.
         """
-        self.draining = True
+        self.refuse_new_calls()
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except asyncio.TimeoutError:

@@ -106,6 +106,7 @@ class OrderServer:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.grace
         self._server._server.close()  # stop accepting connections
+        self._calls.refuse_new_calls()  # before the streams end: a client told to reconnect must not get in
         await self.feed.close()
         if self._commit_listener is not None:
             self._commit_listener.cancel()
