@@ -80,13 +80,15 @@ def _start(
 def _ready(process: BaseProcess, ready: multiprocessing.connection.Connection) -> bool:
     """Wait for the worker to report that it listens; False if it exited or timed out first."""
     with ready:
-        if ready.poll(START_TIMEOUT):
+        if not ready.poll(START_TIMEOUT):  # still starting: give up on it
+            process.terminate()
+        else:
             try:
                 ready.recv()
                 return True
-            except EOFError:  # it exited before it was ready; its own error is on stderr
+            except EOFError:  # it is exiting before it was ready; its own error goes to stderr
                 pass
-    process.join(0.1)
+    process.join()
     log.error("worker %s did not start (exit code %s)", process.name, process.exitcode)
     return False
 
