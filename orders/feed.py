@@ -15,6 +15,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import Generic, TypeVar
 
@@ -22,6 +23,7 @@ from orders.domain import StatusEvent, WatchQuery
 from orders.errors import OutOfRange, Unavailable
 
 T = TypeVar("T")
+HEARTBEAT_TICK = 0.1  # seconds between checks for due heartbeats: how late one may be
 YIELD_EVERY_OFFERS = 10_000  # the tailer lets the loop run other work after about this many offers
 ReadEvents = Callable[[int, Collection[str], int], Awaitable[list[StatusEvent]]]
 ReadBounds = Callable[[], Awaitable[tuple[int, int]]]
@@ -47,10 +49,52 @@ async def _wait(event: asyncio.Event, timeout: float | None) -> bool:
     return bool(done)
 
 
+class _Wakeup:
+    """What a stream waits on: an ``asyncio.Event`` without its cost per wait (thousands of streams wait
+    at once, and each wakes for every batch). Cancelling the waiting stream just cancels its future."""
+
+    __slots__ = ("_set", "_waiter")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self) -> None:
+        if self._set:
+            return
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+
 class _Watcher(Generic[T]):
     """One stream's mailbox: a bounded queue of (sequence, payload) plus a lag flag."""
 
-    __slots__ = ("order_ids", "pending", "capacity", "lagged", "closed", "wakeup", "live", "resume_after")
+    __slots__ = (
+        "order_ids",
+        "pending",
+        "capacity",
+        "lagged",
+        "closed",
+        "wakeup",
+        "wake_due",
+        "live",
+        "resume_after",
+        "heartbeat_due",
+    )
 
     def __init__(self, order_ids: frozenset[str], capacity: int) -> None:
         self.order_ids = order_ids
@@ -58,7 +102,9 @@ class _Watcher(Generic[T]):
         self.capacity = capacity
         self.lagged = False
         self.closed = False
-        self.wakeup = asyncio.Event()
+        self.wakeup = _Wakeup()
+        self.wake_due = False  # queued for the feed's next batched wake-up
+        self.heartbeat_due = math.inf  # loop time of the next heartbeat (inf: none asked)
         # Set by the stream: True while it is served from ``pending`` (not catching up). Then every
         # matching event older than the oldest queued one has been sent, so when it lags its catch-up
         # may start at ``resume_after`` rather than at its last sent event, which for a filtered stream
@@ -66,16 +112,22 @@ class _Watcher(Generic[T]):
         self.live = False
         self.resume_after: int | None = None
 
-    def offer(self, entry: tuple[int, T]) -> None:
-        """Queue (sequence, payload); every watcher gets the same tuple, so an event costs one allocation
-        however many watchers it reaches (a million live tuples also made each garbage collection slow)."""
+    def offer(self, entry: tuple[int, T]) -> bool:
+        """Queue (sequence, payload); True if the stream now needs waking (the feed wakes it, batched).
+
+        Every watcher gets the same tuple, so an event costs one allocation however many watchers it
+        reaches (a million live tuples also made each garbage collection slow).
+        """
         if self.lagged:
-            return
+            return False
         if len(self.pending) >= self.capacity:
             self.fall_behind(entry[0] - 1)
-            return
+            return False
         self.pending.append(entry)
-        self.wakeup.set()
+        if self.wake_due or self.wakeup.is_set():
+            return False
+        self.wake_due = True
+        return True
 
     def fall_behind(self, sent_through: int) -> None:
         """Send this watcher to the database; if it is live and its queue is empty, it has been sent
@@ -124,7 +176,11 @@ class Feed(Generic[T]):
         self._all_orders: set[_Watcher[T]] = set()
         self._by_order: dict[str, set[_Watcher[T]]] = collections.defaultdict(set)
         self._new_events = asyncio.Event()
+        self._to_wake: list[_Watcher[T]] = []  # offered something since the last batched wake-up
+        self._wake_timer: asyncio.TimerHandle | None = None
+        self._beating: set[_Watcher[T]] = set()  # streams that asked for heartbeats
         self._tailer: asyncio.Task[None] | None = None
+        self._heartbeats: asyncio.Task[None] | None = None
         self._closed = False
         self.head = 0
 
@@ -137,6 +193,7 @@ class Feed(Generic[T]):
         """Start tailing the log from its current head."""
         _, self.head = await self._read_bounds()
         self._tailer = asyncio.create_task(self._tail(), name="orders-feed-tailer")
+        self._heartbeats = asyncio.create_task(self._beat(), name="orders-feed-heartbeats")
 
     def notify(self) -> None:
         """Tell the tailer that new events were committed."""
@@ -147,10 +204,40 @@ class Feed(Generic[T]):
         self._closed = True
         for watcher in self._watchers:
             watcher.close()
-        if self._tailer is not None:
-            self._tailer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._tailer
+        if self._wake_timer is not None:
+            self._wake_timer.cancel()
+        for task in (self._tailer, self._heartbeats):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _beat(self) -> None:
+        """Wake each stream whose heartbeat is due: one timer for all of them, not one per wait."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(HEARTBEAT_TICK)
+            now = loop.time()
+            for watcher in self._beating:
+                if now >= watcher.heartbeat_due:
+                    watcher.wakeup.set()
+
+    def _wake(self, watcher: _Watcher[T]) -> None:
+        """Wake ``watcher``, which was just offered events: now, or with everyone after the batch window."""
+        if not self._batch_window:
+            watcher.wake_due = False
+            watcher.wakeup.set()
+            return
+        self._to_wake.append(watcher)
+        if self._wake_timer is None:
+            self._wake_timer = asyncio.get_running_loop().call_later(self._batch_window, self._wake_batch)
+
+    def _wake_batch(self) -> None:
+        self._wake_timer = None
+        woken, self._to_wake = self._to_wake, []
+        for watcher in woken:
+            watcher.wake_due = False
+            watcher.wakeup.set()
 
     async def _tail(self) -> None:
         while not self._closed:
@@ -172,9 +259,11 @@ class Feed(Generic[T]):
         for event in events:
             entry = (event.sequence, self._render(event))
             for watcher in self._all_orders:
-                watcher.offer(entry)
+                if watcher.offer(entry):
+                    self._wake(watcher)
             for watcher in self._by_order.get(event.order_id, ()):
-                watcher.offer(entry)
+                if watcher.offer(entry):
+                    self._wake(watcher)
             self.head = event.sequence
             offered += len(self._all_orders)
             if offered >= YIELD_EVERY_OFFERS:  # thousands of watchers: let calls run within a page
@@ -202,6 +291,8 @@ class Feed(Generic[T]):
 
     def _register(self, watcher: _Watcher[T]) -> None:
         self._watchers.add(watcher)
+        if watcher.heartbeat_due != math.inf:
+            self._beating.add(watcher)
         if not watcher.order_ids:
             self._all_orders.add(watcher)
         for order_id in watcher.order_ids:
@@ -209,6 +300,7 @@ class Feed(Generic[T]):
 
     def _unregister(self, watcher: _Watcher[T]) -> None:
         self._watchers.discard(watcher)
+        self._beating.discard(watcher)
         self._all_orders.discard(watcher)
         for order_id in watcher.order_ids:
             watchers = self._by_order.get(order_id)
@@ -224,6 +316,9 @@ class Feed(Generic[T]):
         catching up), so a busy server sends each stream fewer, larger writes instead of falling behind.
         """
         watcher: _Watcher[T] = _Watcher(query.order_ids, self._queue_capacity)
+        loop = asyncio.get_running_loop()
+        beat = query.heartbeat_seconds or math.inf
+        watcher.heartbeat_due = loop.time() + beat
         try:
             first, head = await self._read_bounds()
             if query.after_sequence is None:
@@ -243,8 +338,6 @@ class Feed(Generic[T]):
             if self._closed:  # a call that slipped in while the server is shutting down
                 watcher.close()
             catching_up = True
-            loop = asyncio.get_running_loop()
-            last_sent = loop.time()
             while True:
                 if watcher.closed:
                     raise Unavailable(f"the server is shutting down; reconnect with after_sequence={cursor}")
@@ -265,7 +358,7 @@ class Feed(Generic[T]):
                         yield [self._render(event) for event in events]
                     catching_up = len(events) == self._page_size
                     watcher.live = not catching_up
-                    last_sent = loop.time()
+                    watcher.heartbeat_due = loop.time() + beat
                 elif watcher.lagged:
                     if watcher.resume_after is not None:
                         cursor = max(cursor, watcher.resume_after)
@@ -279,16 +372,12 @@ class Feed(Generic[T]):
                             batch.append(payload)
                     if batch:
                         yield batch
-                        last_sent = loop.time()
+                        watcher.heartbeat_due = loop.time() + beat
+                elif loop.time() >= watcher.heartbeat_due:  # idle and up to date
+                    yield [self._render_heartbeat(max(self.head, cursor))]
+                    watcher.heartbeat_due = loop.time() + beat
                 else:
                     watcher.wakeup.clear()
-                    timeout = None
-                    if query.heartbeat_seconds:
-                        timeout = max(0.0, last_sent + query.heartbeat_seconds - loop.time())
-                    if not await _wait(watcher.wakeup, timeout):
-                        yield [self._render_heartbeat(max(self.head, cursor))]
-                        last_sent = loop.time()
-                    elif self._batch_window:  # let the events committed with this one join its write
-                        await asyncio.sleep(self._batch_window)
+                    await watcher.wakeup.wait()
         finally:
             self._unregister(watcher)

@@ -671,7 +671,8 @@ async def test_cancelled_heartbeat_stream_stops_even_when_an_event_arrives_at_th
     await eventually(lambda: feed.watcher_count == 1, "the watcher to register")
     await asyncio.sleep(0.01)
     [watcher] = feed._watchers
-    watcher.offer((1, "event"))  # wakes the stream ...
+    assert watcher.offer((1, "event"))
+    feed._wake(watcher)  # wakes the stream ...
     for _ in range(delay):
         await asyncio.sleep(0)
     consumer.cancel()  # ... just as the client goes away
