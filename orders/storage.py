@@ -57,6 +57,8 @@ PRUNE_BATCH_MAX = 4096
 
 log = logging.getLogger(__name__)
 
+_STATUSES = {int(status): status for status in Status}  # stored number -> Status, without Status()'s cost
+
 
 class DatabaseUnusable(Exception):
     """The database cannot be opened or used by this server (unreachable, no driver, newer schema)."""
@@ -391,7 +393,7 @@ class Repository:
         for order_key, *item in self.database.execute_sql(*items_query):
             items[order_key].append(Item(*item))
         return [
-            (key, Order(oid, tuple(items[key]), total, currency, Status(status), version, created, updated))
+            (key, Order(oid, tuple(items[key]), total, currency, _STATUSES[status], version, created, updated))
             for key, oid, status, total, currency, version, created, updated in rows
         ]
 
@@ -403,7 +405,7 @@ class Repository:
         if ids:
             select = select.where(e.order_id.in_(ids))
         return [
-            StatusEvent(seq, oid, None if previous is None else Status(previous), Status(status), at)
+            StatusEvent(seq, oid, _STATUSES.get(previous), _STATUSES[status], at)
             for seq, oid, previous, status, at in select.order_by(e.sequence).limit(limit).tuples()
         ]
 

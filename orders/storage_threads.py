@@ -99,7 +99,8 @@ class GroupCommitWriter(DatabaseThread):
     """The one writer thread. Jobs queued while a transaction commits are run together in the next one:
     each in its own savepoint (a job is a repository write, whose ``write_transaction()`` nests as one,
     so a failing job rolls back only itself and gets its own error), all made durable by a single
-    commit (one fsync), and only then is any caller answered.
+    commit (one fsync), and only then is any caller answered. A job alone needs no savepoint: its own
+    ``write_transaction()`` is the transaction.
     """
 
     def __init__(self, repository: Repository) -> None:
@@ -109,8 +110,8 @@ class GroupCommitWriter(DatabaseThread):
     def _run_batch(self, batch: list[_Job]) -> list[Outcome]:
         outcomes = [self._run_one(job) for job in batch if not job.transactional]  # e.g. closing
         jobs = [job for job in batch if job.transactional]
-        if not jobs:
-            return outcomes
+        if len(jobs) <= 1:  # a job alone: its own write_transaction() is the transaction, no savepoint
+            return outcomes + [self._run_one(job) for job in jobs]
         results: list[tuple[Any, BaseException | None]] = []
 
         def run_all() -> None:
