@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import socket
 import sys
@@ -14,10 +15,21 @@ START_TIMEOUT = 20.0
 STOP_TIMEOUT = 15.0
 
 
+# Ports for servers the tests start on a fixed port (so that a restart finds them again): below Linux's
+# ephemeral range (32768-60999), which every outgoing connection of the suite (to PostgreSQL, to other
+# servers) draws from, so that none of them can take a chosen port before its server binds it.
+FIXED_PORTS = range(20_000, 32_768)
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port nobody listens on now, outside the ephemeral range."""
+    while True:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", random.choice(FIXED_PORTS)))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
 
 
 class ServerProcess:
