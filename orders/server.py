@@ -88,15 +88,28 @@ class OrderServer:
         self.abandoned_database_work = False  # set by stop() when a storage thread would not finish
 
     async def start(self) -> int:
-        """Open the database, start serving, and return the port actually bound."""
+        """Open the database, start serving, and return the port actually bound.
+
+        Raises DatabaseUnusable, or OSError when a port cannot be listened on; either way what had
+        started is stopped again.
+        """
         await self.storage.open()
-        await self.feed.start()
-        self._commit_listener = self.storage.listen_for_commits(self.feed.notify)
-        if self.metrics is not None and self.config.metrics_port is not None:
-            self.metrics_port = self.metrics.start(self.config.host, self.config.metrics_port)
-        # With --workers, every worker listens on the same port and the kernel spreads connections.
-        reuse_port = self.config.workers > 1 or None
-        await self._server.start(self.config.host, self.config.port, ssl=self._ssl, reuse_port=reuse_port)
+        try:
+            await self.feed.start()
+            self._commit_listener = self.storage.listen_for_commits(self.feed.notify)
+            if self.metrics is not None and self.config.metrics_port is not None:
+                self.metrics_port = self.metrics.start(self.config.host, self.config.metrics_port)
+            # With --workers, every worker listens on the same port and the kernel spreads connections.
+            reuse_port = self.config.workers > 1 or None
+            await self._server.start(self.config.host, self.config.port, ssl=self._ssl, reuse_port=reuse_port)
+        except OSError:
+            await self.feed.close()
+            if self._commit_listener is not None:
+                self._commit_listener.cancel()
+            if self.metrics is not None:
+                await self.metrics.stop()
+            await self.storage.close(timeout=AFTER_GRACE)
+            raise
         sockets = self._server._server.sockets if self._server._server else ()
         self.port = sockets[0].getsockname()[1] if sockets else self.config.port
         return self.port
@@ -163,6 +176,8 @@ async def serve(config: ServerConfig, on_started: Callable[[int], None] = announ
     except DatabaseUnusable as exc:
         await order_server.storage.close(timeout=AFTER_GRACE)
         raise SystemExit(f"orders serve: the database {redacted(config.db)} is unusable: {exc}") from None
+    except OSError as exc:  # the port is taken, or the host is not an address of this machine
+        raise SystemExit(f"orders serve: cannot listen: {exc}") from None
     try:
         on_started(order_server.port)
         await stop.wait()
