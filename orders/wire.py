@@ -9,7 +9,6 @@ the largest single cost of a GetOrder). Requests are still decoded into betterpr
 
 from __future__ import annotations
 
-import datetime
 import time
 
 from google.protobuf import message_factory
@@ -27,8 +26,6 @@ from orders._proto.orders.v1 import (
 
 Reply = Message  # what the servicer returns: a protobuf-runtime message, encoded by the codec
 
-_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
-
 
 def _runtime_class(message_type: type) -> type[Message]:
     return message_factory.GetMessageClass(message_type.DESCRIPTOR)  # type: ignore[attr-defined]
@@ -40,11 +37,6 @@ UPDATE_ORDER_STATUS = _runtime_class(UpdateOrderStatusResponse)
 CANCEL_ORDER = _runtime_class(CancelOrderResponse)
 _LIST_ORDERS = _runtime_class(ListOrdersResponse)
 _STATUS_UPDATE = _runtime_class(StatusUpdate)
-
-
-def timestamp(time_us: int) -> datetime.datetime:
-    """An exact UTC datetime for microseconds since the epoch."""
-    return _EPOCH + datetime.timedelta(microseconds=time_us)
 
 
 def _set_time(target: Message, time_us: int) -> None:

@@ -4,6 +4,7 @@ watchers, cancellation and shutdown (DESIGN.md "Stream semantics")."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import re
 import time
 import uuid
@@ -15,7 +16,6 @@ from grpclib.config import Configuration
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError
 
-from orders import wire
 from orders._proto.orders.v1 import (
     CreateOrderRequest,
     Order,
@@ -73,13 +73,16 @@ def as_tuple(update: StatusUpdate) -> tuple[object, ...]:
     return (update.sequence, update.order_id, update.previous_status, update.status, update.timestamp)
 
 
+EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+
+
 def event_tuple(event: StatusEvent) -> tuple[object, ...]:
     return (
         event.sequence,
         event.order_id,
         OrderStatus(event.previous or 0),
         OrderStatus(event.status),
-        wire.timestamp(event.time_us),
+        EPOCH + datetime.timedelta(microseconds=event.time_us),
     )
 
 
