@@ -11,15 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from orders import domain, wire
-from orders._proto.orders.v1 import (
-    CancelOrderRequest,
-    CreateOrderRequest,
-    GetOrderRequest,
-    ListOrdersRequest,
-    OrderServiceBase,
-    OrderStatusStreamRequest,
-    UpdateOrderStatusRequest,
-)
+from orders._proto.orders.v1 import OrderServiceBase
 from orders.calls import FramedMessages, framed, send_framed
 from orders.feed import Feed
 from orders.storage_threads import Storage
@@ -52,9 +44,10 @@ class OrderService(OrderServiceBase):
         self._repository = storage.repository
         self._feed = feed
 
-    # Replies are protobuf-runtime messages of the declared types' descriptors (see orders.wire).
+    # Requests and replies are protobuf-runtime messages of the declared types' descriptors (see
+    # orders.wire and orders.calls.StrictProtoCodec).
 
-    async def create_order(self, message: CreateOrderRequest) -> wire.Reply:  # type: ignore[override]
+    async def create_order(self, message: wire.Request) -> wire.Reply:  # type: ignore[override]
         new = domain.validate_new_order(
             [(item.product_name, item.quantity, item.price) for item in message.items],
             message.total_amount,
@@ -66,16 +59,16 @@ class OrderService(OrderServiceBase):
             self._feed.notify()
         return wire.order_reply(wire.CREATE_ORDER, order)
 
-    async def get_order(self, message: GetOrderRequest) -> wire.Reply:  # type: ignore[override]
+    async def get_order(self, message: wire.Request) -> wire.Reply:  # type: ignore[override]
         order_id = domain.parse_order_id(message.id)
         order = await self._storage.read(self._repository.get_order, order_id)
         return wire.order_reply(wire.GET_ORDER, order)
 
-    async def update_order_status(self, message: UpdateOrderStatusRequest) -> wire.Reply:  # type: ignore[override]
+    async def update_order_status(self, message: wire.Request) -> wire.Reply:  # type: ignore[override]
         order = await self._change_status(message.id, domain.parse_status(message.status), message.expected_version)
         return wire.order_reply(wire.UPDATE_ORDER_STATUS, order)
 
-    async def cancel_order(self, message: CancelOrderRequest) -> wire.Reply:  # type: ignore[override]
+    async def cancel_order(self, message: wire.Request) -> wire.Reply:  # type: ignore[override]
         order = await self._change_status(message.id, domain.Status.CANCELLED, message.expected_version)
         return wire.order_reply(wire.CANCEL_ORDER, order)
 
@@ -87,16 +80,17 @@ class OrderService(OrderServiceBase):
             self._feed.notify()
         return order
 
-    async def list_orders(self, message: ListOrdersRequest) -> wire.Reply:  # type: ignore[override]
+    async def list_orders(self, message: wire.Request) -> wire.Reply:  # type: ignore[override]
         query = domain.parse_list_query(message.page_size, message.page_token, message.statuses)
         orders, last_key = await self._storage.read(self._repository.list_orders, query)
         token = "" if last_key is None else domain.encode_page_token(query.statuses, last_key)
         return wire.list_orders_reply(orders, token)
 
     async def order_status_stream(  # type: ignore[override]  # StatusUpdates, sent pre-encoded
-        self, message: OrderStatusStreamRequest
+        self, message: wire.Request
     ) -> AsyncIterator[FramedMessages]:
-        query = domain.parse_watch_query(message.order_ids, message.after_sequence, message.heartbeat_seconds)
+        after_sequence = message.after_sequence if message.HasField("after_sequence") else None
+        query = domain.parse_watch_query(message.order_ids, after_sequence, message.heartbeat_seconds)
         async with contextlib.aclosing(self._feed.watch(query)) as batches:  # see below
             async for batch in batches:
                 yield FramedMessages(b"".join(batch))

@@ -3,13 +3,14 @@
 Responses are built as protobuf-runtime messages (upb, in C) of the very descriptors the generated
 betterproto2 classes carry, so the bytes are the same; but they are encoded in C, where betterproto2's
 pure-Python encoder spent about 25 times as long (a one-item GetOrderResponse: ~10 µs against ~260 µs,
-the largest single cost of a GetOrder). Requests are still decoded into betterproto2 messages (see
-:class:`orders.calls.StrictProtoCodec`, which sends either kind).
+the largest single cost of a GetOrder). Requests arrive as protobuf-runtime messages too (see
+:class:`orders.calls.StrictProtoCodec`, which decodes them and sends either kind of reply).
 """
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from google.protobuf import message_factory
 from google.protobuf.message import Message
@@ -25,6 +26,7 @@ from orders._proto.orders.v1 import (
 )
 
 Reply = Message  # what the servicer returns: a protobuf-runtime message, encoded by the codec
+Request = Any  # what the servicer receives: a protobuf-runtime message of the method's request type
 
 
 def _runtime_class(message_type: type) -> type[Message]:
