@@ -170,6 +170,7 @@ class Repository:
         self.retention_events = retention_events
         self.prune_slack = max(1, min(retention_events // 16, PRUNE_SLACK_MAX))
         self._pruned_through: int | None = None  # writer thread only; None: not known yet
+        self._batch_without_savepoints = False  # writer thread only; see write_batch
         self._models = {model: _bind(model, database) for model in MODELS}
         self._orders = self._models[OrderRow]
         self._items = self._models[ItemRow]
@@ -189,7 +190,10 @@ class Repository:
             i.insert(order=0, position=0, id="", product_name="", quantity=0, price_cents=0).returning().sql()[0]
         )
         self._insert_event_sql = e.insert(order_id="", previous=None, status=0, time_us=0).sql()[0]
-        self._insert_key_sql = k.insert(key="", fingerprint="", order_id="", created_us=0).returning().sql()[0]
+        self._claim_key_sql = (
+            k.insert(key="", fingerprint="", order_id="", created_us=0).on_conflict_ignore().returning().sql()[0]
+        )
+        self._reclaim_key_sql = k.update(fingerprint="", order_id="", created_us=0).where(k.key == "").sql()[0]
         self._key_sql = k.select(k.fingerprint, k.order_id, k.created_us).where(k.key == "").sql()[0]
         self._page_sqls: dict[int, tuple[str, str]] = {}  # see _page_sql
         self._events_after_sql = self._event_columns().where(e.sequence > 0).order_by(e.sequence).limit(1).sql()[0]
@@ -199,11 +203,15 @@ class Repository:
 
     @contextlib.contextmanager
     def write_transaction(self) -> Iterator[None]:
-        """A write transaction holding the database-wide write lock (a savepoint when one is already open).
+        """A write transaction holding the database-wide write lock (a savepoint when one is already open,
+        nothing at all inside ``write_batch(savepoints=False)``).
 
         SQLite: ``BEGIN IMMEDIATE``. PostgreSQL: ``pg_advisory_xact_lock``, taken first thing and held to
         the commit or rollback.
         """
+        if self._batch_without_savepoints:
+            yield
+            return
         if not self._postgresql:
             with self.database.atomic("IMMEDIATE"):
                 yield
@@ -213,6 +221,22 @@ class Repository:
             if outermost:
                 self.database.execute_sql("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK_KEY,))
             yield
+
+    @contextlib.contextmanager
+    def write_batch(self, *, savepoints: bool) -> Iterator[None]:
+        """One write transaction for several writes (see :class:`orders.storage_threads.GroupCommitWriter`).
+
+        With ``savepoints`` each write's own ``write_transaction()`` is a savepoint, so one that fails rolls
+        back only itself. Without, the writes run straight in the transaction, two statements and a
+        savepoint object cheaper each; a write that fails may then have left part of its work behind, so
+        the caller must let its exception end (and roll back) the whole batch.
+        """
+        with self.write_transaction():
+            self._batch_without_savepoints = not savepoints
+            try:
+                yield
+            finally:
+                self._batch_without_savepoints = False
 
     # --- schema ------------------------------------------------------------------------------
 
@@ -235,11 +259,11 @@ class Repository:
         """Insert an order with its creation event; an idempotent retry returns the original order."""
         with self.write_transaction():
             now = now_us()
+            order_id = domain.new_id()
             if request_id is not None:
-                existing = self._replay_idempotent(request_id, new.fingerprint(), now)
+                existing = self._claim_request_id(request_id, new.fingerprint(), order_id, now)
                 if existing is not None:
                     return existing, None
-            order_id = domain.new_id()
             key = self._insert(
                 self._insert_order_sql,
                 (order_id, Status.PENDING, new.total_cents, new.currency_code, 1, now, now),
@@ -250,25 +274,29 @@ class Repository:
                 [(key, position, i.id, i.product_name, i.quantity, i.price_cents) for position, i in enumerate(items)],
             )
             event = self._append_event(order_id, None, Status.PENDING, now)
-            if request_id is not None:
-                self.database.execute_sql(self._insert_key_sql, (request_id, new.fingerprint(), order_id, now))
             order = Order(order_id, items, new.total_cents, new.currency_code, Status.PENDING, 1, now, now)
             return order, event
 
-    def _replay_idempotent(self, request_id: str, fingerprint: str, now: int) -> Order | None:
-        row = self.database.execute_sql(self._key_sql, (request_id,)).fetchone()
-        if row is None:
+    def _claim_request_id(self, request_id: str, fingerprint: str, order_id: str, now: int) -> Order | None:
+        """Record that ``request_id`` creates ``order_id`` and return None; or, for a retry of the request
+        that already created an order under it, return that order (AlreadyExists for another request).
+
+        The insert comes first, so a new key (the usual case) costs one statement and no lookup.
+        """
+        if self.database.execute_sql(self._claim_key_sql, (request_id, fingerprint, order_id, now)).rowcount:
             return None
-        stored_fingerprint, order_id, created = row
-        if now - created > domain.IDEMPOTENCY_WINDOW_US:
-            self._keys.delete().where(self._keys.key == request_id).execute()
+        stored_fingerprint, stored_order_id, created = self.database.execute_sql(
+            self._key_sql, (request_id,)
+        ).fetchone()
+        if now - created > domain.IDEMPOTENCY_WINDOW_US:  # expired: the key is free for a new order
+            self.database.execute_sql(self._reclaim_key_sql, (fingerprint, order_id, now, request_id))
             return None
         if stored_fingerprint != fingerprint:
             raise AlreadyExists(
-                f"request_id {request_id!r} was already used for a different request (order {order_id}); "
+                f"request_id {request_id!r} was already used for a different request (order {stored_order_id}); "
                 "use a new request_id for a new order"
             )
-        return self.get_order(order_id)
+        return self.get_order(stored_order_id)
 
     def change_status(
         self, order_id: str, target: Status, expected_version: int | None
@@ -375,6 +403,7 @@ class Repository:
             items = self._item_columns().where(i.order.in_(on_page(o.select(o.key))))
             self._page_sqls[status_count] = (on_page(self._order_columns()).sql()[0], items.sql()[0])
         return self._page_sqls[status_count]
+
     def _order_columns(self) -> peewee.ModelSelect:
         o = self._orders
         return o.select(

@@ -95,12 +95,19 @@ class DatabaseThread:
             return job.future, None, exc
 
 
+class _RunWithSavepoints(Exception):
+    """A job of a batch run without savepoints failed: roll the batch back and run it again with them."""
+
+
 class GroupCommitWriter(DatabaseThread):
-    """The one writer thread. Jobs queued while a transaction commits are run together in the next one:
-    each in its own savepoint (a job is a repository write, whose ``write_transaction()`` nests as one,
-    so a failing job rolls back only itself and gets its own error), all made durable by a single
-    commit (one fsync), and only then is any caller answered. A job alone needs no savepoint: its own
-    ``write_transaction()`` is the transaction.
+    """The one writer thread. Jobs queued while a transaction commits are run together in the next one,
+    all made durable by a single commit (one fsync), and only then is any caller answered.
+
+    A batch first runs its jobs straight in the transaction. Should one fail, the transaction is rolled
+    back (the failed job may have written part of its work) and the batch runs again with each job in
+    its own savepoint (a job is a repository write, whose ``write_transaction()`` then nests as one), so
+    the failing job rolls back only itself and gets its own error while the others commit. A job alone
+    needs neither: its own ``write_transaction()`` is the transaction.
     """
 
     def __init__(self, repository: Repository) -> None:
@@ -110,23 +117,31 @@ class GroupCommitWriter(DatabaseThread):
     def _run_batch(self, batch: list[_Job]) -> list[Outcome]:
         outcomes = [self._run_one(job) for job in batch if not job.transactional]  # e.g. closing
         jobs = [job for job in batch if job.transactional]
-        if len(jobs) <= 1:  # a job alone: its own write_transaction() is the transaction, no savepoint
+        if len(jobs) <= 1:
             return outcomes + [self._run_one(job) for job in jobs]
+        return outcomes + (self._run_together(jobs, savepoints=False) or self._run_together(jobs, savepoints=True))
+
+    def _run_together(self, jobs: list[_Job], *, savepoints: bool) -> list[Outcome] | None:
+        """The jobs' outcomes, run in one transaction; None if, without savepoints, one of them failed."""
         results: list[tuple[Any, BaseException | None]] = []
 
         def run_all() -> None:
-            with self._repository.write_transaction():
+            with self._repository.write_batch(savepoints=savepoints):
                 for job in jobs:
-                    try:  # each repository write opens its own write_transaction(): here, a savepoint
+                    try:
                         results.append((job.fn(), None))
                     except Exception as exc:
+                        if not savepoints:
+                            raise _RunWithSavepoints from exc
                         results.append((None, translated(exc)))
 
         try:
             call_translating_errors(self.database, run_all)
+        except _RunWithSavepoints:
+            return None
         except Exception as exc:  # BEGIN or COMMIT failed: nothing of the batch is durable
-            return outcomes + [(job.future, None, exc) for job in jobs]
-        return outcomes + [(job.future, result, error) for job, (result, error) in zip(jobs, results, strict=True)]
+            return [(job.future, None, exc) for job in jobs]
+        return [(job.future, result, error) for job, (result, error) in zip(jobs, results, strict=True)]
 
 
 def _answer(outcomes: list[Outcome]) -> None:
