@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
@@ -154,6 +156,49 @@ def is_postgresql(database: peewee.Database) -> bool:
     return isinstance(database, peewee.PostgresqlDatabase)
 
 
+class SiblingWriteLock:
+    """Hands SQLite's write lock from one server process to the next without SQLite's busy wait.
+
+    Processes sharing a database file (``--workers``, replicas) take this lock (``flock`` on a file beside
+    the database) before ``BEGIN IMMEDIATE``. A process that finds SQLite's write lock taken sleeps in
+    SQLite's busy handler for 1, 2, 5, 10, ... ms between attempts, and misses a release right after it
+    went to sleep; here it polls every POLL_S instead, so the lock changes hands within a fraction of a
+    millisecond. Any other process (the ``sqlite3`` shell, a backup) is still waited for by SQLite's busy
+    timeout; so is this lock, which gives up as the busy timeout would ("database is locked").
+    """
+
+    POLL_S = 0.0002
+
+    def __init__(self, path: str, timeout: float) -> None:
+        self._path = path
+        self._timeout = timeout
+        self._fd: int | None = None
+
+    @classmethod
+    def beside(cls, database_path: str) -> contextlib.AbstractContextManager[None]:
+        """The lock for the SQLite file at ``database_path``; a no-op for an in-memory database."""
+        if not database_path or database_path == ":memory:" or database_path.startswith("file::memory:"):
+            return contextlib.nullcontext()
+        return cls(f"{database_path}-writer.lock", SQLITE_PRAGMAS["busy_timeout"] / 1000)
+
+    def __enter__(self) -> None:
+        if self._fd is None:
+            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + self._timeout
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise peewee.OperationalError("database is locked (by another orders server process)") from None
+                time.sleep(self.POLL_S)
+
+    def __exit__(self, *exc_info: object) -> None:
+        assert self._fd is not None
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+
 def now_us() -> int:
     """Wall-clock time in microseconds since the Unix epoch."""
     return time.time_ns() // 1000
@@ -171,6 +216,9 @@ class Repository:
         self.prune_slack = max(1, min(retention_events // 16, PRUNE_SLACK_MAX))
         self._pruned_through: int | None = None  # writer thread only; None: not known yet
         self._batch_without_savepoints = False  # writer thread only; see write_batch
+        self._sibling_lock: contextlib.AbstractContextManager[None] = (
+            contextlib.nullcontext() if self._postgresql else SiblingWriteLock.beside(database.database)
+        )
         self._models = {model: _bind(model, database) for model in MODELS}
         self._orders = self._models[OrderRow]
         self._items = self._models[ItemRow]
@@ -213,7 +261,11 @@ class Repository:
             yield
             return
         if not self._postgresql:
-            with self.database.atomic("IMMEDIATE"):
+            if self.database.in_transaction():
+                with self.database.atomic():
+                    yield
+                return
+            with self._sibling_lock, self.database.atomic("IMMEDIATE"):
                 yield
             return
         outermost = not self.database.in_transaction()
