@@ -1,7 +1,7 @@
 """Per-call plumbing for the grpclib server: request ids, error mapping and the access log.
 
-Installed as a grpclib ``RecvRequest`` listener that wraps every method handler, so it also
-covers requests that fail to decode. Service code raises :mod:`orders.errors`; here they become
+Installed by wrapping every method handler of the grpclib server, so it also covers requests that
+fail to decode. Service code raises :mod:`orders.errors`; here they become
 gRPC statuses. Anything unexpected becomes INTERNAL with the request id, and its traceback goes to
 the log only, never onto the wire.
 """
@@ -16,7 +16,7 @@ import os
 import re
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -26,7 +26,6 @@ from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 from grpclib.const import Status
 from grpclib.encoding.proto import ProtoCodec
-from grpclib.events import RecvRequest, listen
 from grpclib.exceptions import GRPCError
 from grpclib.protocol import Peer
 from grpclib.server import Server, Stream
@@ -181,6 +180,7 @@ class CallRecord:
 
 
 Release = Callable[[], None]
+Handle = Callable[[Stream[Any, Any]], Awaitable[None]]  # a grpclib method handler
 
 
 class CallGuard(Protocol):
@@ -227,8 +227,12 @@ class CallMiddleware:
         self._idle.set()
 
     def install(self, server: Server) -> None:
-        """Attach to ``server``; call before it starts."""
-        listen(server, RecvRequest, self._wrap_call)
+        """Wrap every method handler of ``server`` (grpclib keeps them by path in ``_mapping``); call before
+        it starts. Wrapping each handler once costs a call nothing; a ``RecvRequest`` listener would build
+        an event object and a wrapper per call."""
+        server._mapping = {
+            path: handler._replace(func=self._wrapped(path, handler.func)) for path, handler in server._mapping.items()
+        }
 
     def refuse_new_calls(self) -> None:
         """From now on every new call gets UNAVAILABLE."""
@@ -248,16 +252,13 @@ class CallMiddleware:
             return False
         return True
 
-    async def _wrap_call(self, event: RecvRequest) -> None:
-        handler = event.method_func
-        method = event.method_name
-        metadata = event.metadata
-        request_id = _request_id(metadata.get(REQUEST_ID_HEADER))
-        peer = event.peer
-        address = _address(peer)  # now: once a TLS connection is gone, asking raises
-
+    def _wrapped(self, method: str, handler: Handle) -> Handle:
         async def handle(stream: Stream[Any, Any]) -> None:
             started = time.perf_counter()
+            metadata = stream.metadata
+            request_id = _request_id(metadata.get(REQUEST_ID_HEADER))
+            peer = stream.peer
+            address = _address(peer)  # now: once a TLS connection is gone, asking raises
             code = "OK"
             releases: list[Release] = []
             self._in_flight += 1
@@ -304,4 +305,4 @@ class CallMiddleware:
                 for observe in self._observers:
                     observe(record)
 
-        event.method_func = handle
+        return handle
