@@ -172,7 +172,7 @@ class SiblingWriteLock:
     def __init__(self, path: str, timeout: float) -> None:
         self._path = path
         self._timeout = timeout
-        self._fd: int | None = None
+        self._fd = -1
 
     @classmethod
     def beside(cls, database_path: str) -> contextlib.AbstractContextManager[None]:
@@ -182,21 +182,22 @@ class SiblingWriteLock:
         return cls(f"{database_path}-writer.lock", SQLITE_PRAGMAS["busy_timeout"] / 1000)
 
     def __enter__(self) -> None:
-        if self._fd is None:
-            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)  # held only while locked: nothing to leak
         deadline = time.monotonic() + self._timeout
         while True:
             try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._fd = fd
                 return
             except BlockingIOError:
                 if time.monotonic() > deadline:
+                    os.close(fd)
                     raise peewee.OperationalError("database is locked (by another orders server process)") from None
                 time.sleep(self.POLL_S)
 
     def __exit__(self, *exc_info: object) -> None:
-        assert self._fd is not None
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        fd, self._fd = self._fd, -1
+        os.close(fd)  # releases the lock
 
 
 def now_us() -> int:
