@@ -1049,6 +1049,7 @@ NOT_GRPC = {  # what grpclib answers before any of our code runs: HTTP errors, o
     "unknown service": ([(":path", "/x/y")], "UNIMPLEMENTED"),
     "huge metadata": ([("x-pad", "v" * 8000)] * 6, "OK"),
     "bad timeout": ([("grpc-timeout", "soon")], "UNKNOWN"),  # grpclib's answer: see the module docstring
+    "expired timeout": ([("grpc-timeout", "0n")], "DEADLINE_EXCEEDED"),  # grpclib: UNKNOWN, see _grpclib_fixes
 }
 
 
