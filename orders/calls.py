@@ -118,7 +118,6 @@ def _protobuf_class(message_type: type[betterproto2.Message]) -> Any:
     return message_factory.GetMessageClass(message_type.DESCRIPTOR)
 
 
-_MEASURE_UNKNOWN_ABOVE = 1024  # bytes; a smaller request is checked for mistyped fields straight away
 MAX_UNKNOWN_FIELD_BYTES = 64 * 1024
 _START_GROUP = 3  # protobuf wire type of a (proto2) group
 
@@ -126,20 +125,19 @@ _START_GROUP = 3  # protobuf wire type of a (proto2) group
 def _parsed(data: bytes, message_type: type[betterproto2.Message]) -> Message:
     """``data`` parsed by upb as ``message_type``'s descriptor; ValueError or DecodeError if it is not valid.
 
-    Unknown fields beyond MAX_UNKNOWN_FIELD_BYTES are refused: even listing them (to find mistyped known
-    fields) takes seconds.
+    The unknown fields are measured in C (a copy without them, 1 µs); only a request that has some is
+    searched for mistyped fields (in Python, 4 µs for a small CreateOrderRequest). Unknown fields beyond
+    MAX_UNKNOWN_FIELD_BYTES are refused: even listing them takes seconds.
     """
     parsed = _protobuf_class(message_type).FromString(data)
-    if len(data) > _MEASURE_UNKNOWN_ABOVE:
-        known = type(parsed)()
-        known.CopyFrom(parsed)
-        known.DiscardUnknownFields()
-        unknown = parsed.ByteSize() - known.ByteSize()
-        if unknown > MAX_UNKNOWN_FIELD_BYTES:
-            raise ValueError(f"it has {unknown:,} bytes of unknown fields; {MAX_UNKNOWN_FIELD_BYTES:,} are accepted")
-        if not unknown:
-            return parsed
-    _reject_mistyped_fields(parsed)
+    known = type(parsed)()
+    known.CopyFrom(parsed)
+    known.DiscardUnknownFields()
+    unknown = parsed.ByteSize() - known.ByteSize()
+    if unknown > MAX_UNKNOWN_FIELD_BYTES:
+        raise ValueError(f"it has {unknown:,} bytes of unknown fields; {MAX_UNKNOWN_FIELD_BYTES:,} are accepted")
+    if unknown:
+        _reject_mistyped_fields(parsed)
     return parsed
 
 
