@@ -13,7 +13,6 @@ import hashlib
 import json
 import math
 import re
-import unicodedata
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -158,13 +157,16 @@ def to_units(cents: int) -> float:
 # --- validation of requests --------------------------------------------------------------------
 
 
+_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc, exactly
+
+
 def validate_product_name(name: str, where: str) -> str:
     """Check a product name: 1-200 characters, not blank, no control characters."""
     if not name or not name.strip():
         raise InvalidArgument(f"{where}.product_name must not be empty or only whitespace")
     if len(name) > MAX_NAME_LENGTH:
         raise InvalidArgument(f"{where}.product_name is {len(name)} characters; at most {MAX_NAME_LENGTH} are allowed")
-    if any(unicodedata.category(ch) == "Cc" for ch in name):
+    if _CONTROL_CHARACTER.search(name):
         raise InvalidArgument(f"{where}.product_name must not contain control characters")
     return name
 
