@@ -257,13 +257,15 @@ class Feed(Generic[T]):
             await self._check_retention_passed_the_tailer()
         offered = 0
         for event in events:
-            entry = (event.sequence, self._render(event))
-            for watcher in self._all_orders:
-                if watcher.offer(entry):
-                    self._wake(watcher)
-            for watcher in self._by_order.get(event.order_id, ()):
-                if watcher.offer(entry):
-                    self._wake(watcher)
+            order_watchers = self._by_order.get(event.order_id, ())
+            if self._all_orders or order_watchers:  # rendered only for someone: most writes have no watcher
+                entry = (event.sequence, self._render(event))
+                for watcher in self._all_orders:
+                    if watcher.offer(entry):
+                        self._wake(watcher)
+                for watcher in order_watchers:
+                    if watcher.offer(entry):
+                        self._wake(watcher)
             self.head = event.sequence
             offered += len(self._all_orders)
             if offered >= YIELD_EVERY_OFFERS:  # thousands of watchers: let calls run within a page
