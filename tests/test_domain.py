@@ -360,10 +360,12 @@ def test_parse_order_id() -> None:
     assert len(info.value.message) < 200  # echoes a bounded prefix only
 
 
-def test_new_ids_are_distinct_uuid4s() -> None:
-    ids = {domain.new_id() for _ in range(100)}
-    assert len(ids) == 100
-    assert all(uuid.UUID(i).version == 4 for i in ids)
+def test_new_ids_are_distinct_canonical_uuid4s() -> None:
+    ids = {domain.new_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    for value in ids:
+        parsed = uuid.UUID(value)
+        assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, value)
 
 
 @pytest.mark.parametrize("value", [0, 6, 99, -1])
