@@ -129,6 +129,9 @@ def _as_error(exc: BaseException) -> OrderError:
 
 
 _TRANSPORT_ERRORS = (GRPCError, StreamTerminatedError, ConnectionError, OSError)
+# A retry is not started with less time left than this: it would end in DEADLINE_EXCEEDED, hiding the
+# error that made the call retry (a server that is down answers a connection attempt in well under it).
+MIN_ATTEMPT_SECONDS = 0.05
 
 
 class OrderClient:
@@ -306,7 +309,7 @@ class OrderClient:
                 error = self._failed(index, exc)
                 retryable = isinstance(error, Unavailable) and attempt < attempts
                 delay = self._pause(attempt)
-                if not retryable or (deadline is not None and deadline.time_remaining() <= delay):
+                if not retryable or (deadline is not None and deadline.time_remaining() <= delay + MIN_ATTEMPT_SECONDS):
                     raise error from exc
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")
