@@ -25,6 +25,10 @@ from orders.errors import OutOfRange, Unavailable
 T = TypeVar("T")
 HEARTBEAT_TICK = 0.1  # seconds between checks for due heartbeats: how late one may be
 YIELD_EVERY_OFFERS = 10_000  # the tailer lets the loop run other work after about this many offers
+# Streams reading the log at once (catching up, or after falling behind): each read holds a page of
+# events and their payloads, so under overload (a thousand lagging streams) this bounds the memory.
+MAX_CATCHING_UP = 16
+RECENT_PAYLOADS = 65_536  # payloads of the newest events kept for streams catching up over them
 ReadEvents = Callable[[int, Collection[str], int], Awaitable[list[StatusEvent]]]
 ReadBounds = Callable[[], Awaitable[tuple[int, int]]]
 
@@ -182,6 +186,8 @@ class Feed(Generic[T]):
         self._tailer: asyncio.Task[None] | None = None
         self._heartbeats: asyncio.Task[None] | None = None
         self._closed = False
+        self._reading_the_log = asyncio.Semaphore(MAX_CATCHING_UP)
+        self._recent: dict[int, T] = {}  # sequence -> payload, of the newest published events, oldest first
         self.head = 0
 
     @property
@@ -260,6 +266,7 @@ class Feed(Generic[T]):
             order_watchers = self._by_order.get(event.order_id, ())
             if self._all_orders or order_watchers:  # rendered only for someone: most writes have no watcher
                 entry = (event.sequence, self._render(event))
+                self._remember(entry)
                 for watcher in self._all_orders:
                     if watcher.offer(entry):
                         self._wake(watcher)
@@ -272,6 +279,26 @@ class Feed(Generic[T]):
                 offered = 0
                 await asyncio.sleep(0)
         return len(events) == self._page_size
+
+    def _remember(self, entry: tuple[int, T]) -> None:
+        sequence, payload = entry
+        self._recent[sequence] = payload
+        if len(self._recent) > RECENT_PAYLOADS:
+            del self._recent[next(iter(self._recent))]
+
+    async def _read_page(self, after: int, order_ids: Collection[str]) -> tuple[list[T], int | None, int]:
+        """A catching-up stream's next page from the log: (payloads, last sequence or None, first retained),
+        with at most MAX_CATCHING_UP streams reading at once. An event the tailer published recently is
+        not rendered again: a thousand streams that fell behind together catch up over the same events.
+        """
+        async with self._reading_the_log:
+            events = await self._read_events(after, order_ids, self._page_size)
+            # The bounds are read after the events: pruning only moves ``first`` forward, so if the read
+            # missed anything (after < first - 1 as it ran), this sees it too.
+            first, _ = await self._read_bounds()
+            recent = self._recent
+            payloads = [recent[e.sequence] if e.sequence in recent else self._render(e) for e in events]
+            return payloads, (events[-1].sequence if events else None), first
 
     async def _check_retention_passed_the_tailer(self) -> None:
         """The tailer's read skipped sequences: if retention pruned them before it read them, no watcher
@@ -344,21 +371,18 @@ class Feed(Generic[T]):
                 if watcher.closed:
                     raise Unavailable(f"the server is shutting down; reconnect with after_sequence={cursor}")
                 if catching_up:
-                    events = await self._read_events(cursor, query.order_ids, self._page_size)
-                    # Retention may have pruned events this stream still needs: it ends rather than skip
-                    # them. The bounds are read after the events: pruning only moves ``first`` forward,
-                    # so if the read missed anything (cursor < first - 1 as it ran), this sees it too.
-                    first, _ = await self._read_bounds()
+                    payloads, last, first = await self._read_page(cursor, query.order_ids)
+                    # Retention may have pruned events this stream still needs: it ends rather than skip them.
                     if cursor < first - 1:
                         raise OutOfRange(
                             f"this watcher fell behind the retained event log (it needs sequence {cursor + 1}, "
                             f"the log now starts at {first}); resume with after_sequence >= {first - 1} "
                             "or re-read state with ListOrders"
                         )
-                    if events:
-                        cursor = events[-1].sequence
-                        yield [self._render(event) for event in events]
-                    catching_up = len(events) == self._page_size
+                    if last is not None:
+                        cursor = last
+                        yield payloads
+                    catching_up = len(payloads) == self._page_size
                     watcher.live = not catching_up
                     watcher.heartbeat_due = loop.time() + beat
                 elif watcher.lagged:

@@ -4,6 +4,7 @@ watchers, cancellation and shutdown (DESIGN.md "Stream semantics")."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import re
 import time
@@ -16,6 +17,7 @@ from grpclib.config import Configuration
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError
 
+from orders import domain
 from orders._proto.orders.v1 import (
     CreateOrderRequest,
     Order,
@@ -27,7 +29,7 @@ from orders._proto.orders.v1 import (
     UpdateOrderStatusRequest,
 )
 from orders.domain import StatusEvent, WatchQuery
-from orders.feed import Feed
+from orders.feed import MAX_CATCHING_UP, Feed
 from orders.server import OrderServer, ServerConfig
 
 STREAM_METHOD = "/orders.v1.OrderService/OrderStatusStream"
@@ -687,6 +689,80 @@ async def test_cancelled_heartbeat_stream_stops_even_when_an_event_arrives_at_th
         consumer.cancel()
         await asyncio.wait({consumer}, timeout=1)
         await asyncio.wait_for(feed.close(), 2)
+
+
+class InMemoryLog:
+    """An event log for a bare Feed, counting concurrent reads and renders."""
+
+    def __init__(self) -> None:
+        self.events: list[StatusEvent] = []
+        self.reading = self.most_reading = self.renders = 0
+
+    def append(self, count: int) -> None:
+        for _ in range(count):
+            sequence = len(self.events) + 1
+            self.events.append(StatusEvent(sequence, str(uuid.uuid4()), None, domain.Status.PENDING, sequence))
+
+    async def read(self, after: int, order_ids: object, limit: int) -> list[StatusEvent]:
+        self.reading += 1
+        self.most_reading = max(self.most_reading, self.reading)
+        await asyncio.sleep(0.001)
+        self.reading -= 1
+        return self.events[after : after + limit]
+
+    async def bounds(self) -> tuple[int, int]:
+        return (1, len(self.events))
+
+    def render(self, event: StatusEvent) -> int:
+        self.renders += 1
+        return event.sequence
+
+    def feed(self) -> Feed[int]:
+        return Feed(self.read, self.bounds, self.render, lambda head: -head, page_size=50)
+
+
+async def _replay(feed: Feed[int], through: int) -> list[int]:
+    got: list[int] = []
+    async with contextlib.aclosing(feed.watch(WatchQuery(frozenset(), 0, 0))) as batches:
+        async for batch in batches:
+            got += batch
+            if got[-1] >= through:
+                return got
+    raise AssertionError("the stream ended")
+
+
+@pytest.mark.database_free  # the Feed alone, over an in-memory log
+async def test_streams_catching_up_read_the_log_a_few_at_a_time() -> None:
+    """A thousand streams that fell behind must not each hold a page of the log at once (memory)."""
+    log = InMemoryLog()
+    log.append(500)
+    feed = log.feed()
+    await feed.start()
+    try:
+        replays = await asyncio.wait_for(asyncio.gather(*(_replay(feed, 500) for _ in range(100))), 30)
+    finally:
+        await feed.close()
+    assert all(replay == list(range(1, 501)) for replay in replays)
+    assert 1 < log.most_reading <= MAX_CATCHING_UP
+
+
+@pytest.mark.database_free  # the Feed alone, over an in-memory log
+async def test_streams_catching_up_reuse_what_the_tailer_rendered() -> None:
+    log = InMemoryLog()
+    feed = log.feed()
+    await feed.start()
+    try:
+        live = asyncio.ensure_future(_replay(feed, 300))  # a watcher, so the tailer renders what it publishes
+        await eventually(lambda: feed.watcher_count == 1, "the first watcher to register")
+        log.append(300)
+        feed.notify()
+        assert await asyncio.wait_for(live, 10) == list(range(1, 301))
+        renders = log.renders
+        replays = await asyncio.wait_for(asyncio.gather(*(_replay(feed, 300) for _ in range(20))), 10)
+    finally:
+        await feed.close()
+    assert all(replay == list(range(1, 301)) for replay in replays)
+    assert log.renders == renders == 300
 
 
 @pytest.mark.parametrize("after_sequence", [None, 0])
