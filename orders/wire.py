@@ -47,15 +47,22 @@ def _set_time(target: Message, time_us: int) -> None:
 
 
 def _set_order(target: Message, order: domain.Order) -> None:
+    # Written out flat (no helper calls per item or timestamp): a ListOrders page runs this 50 times,
+    # and the calls were a sixth of its cost.
+    cents = domain.CENTS_PER_UNIT
     target.id = order.id  # type: ignore[attr-defined]
+    add_item = target.items.add  # type: ignore[attr-defined]
     for item in order.items:
-        added = target.items.add()  # type: ignore[attr-defined]
+        added = add_item()
         added.id, added.product_name, added.quantity = item.id, item.product_name, item.quantity
-        added.price = domain.to_units(item.price_cents)
-    target.total_amount = domain.to_units(order.total_cents)  # type: ignore[attr-defined]
+        added.price = item.price_cents / cents
+    target.total_amount = order.total_cents / cents  # type: ignore[attr-defined]
     target.status = order.status  # type: ignore[attr-defined]
-    _set_time(target.create_time, order.create_time_us)  # type: ignore[attr-defined]
-    _set_time(target.update_time, order.update_time_us)  # type: ignore[attr-defined]
+    created, updated = target.create_time, target.update_time  # type: ignore[attr-defined]
+    created.seconds, micros = divmod(order.create_time_us, 1_000_000)
+    created.nanos = micros * 1000
+    updated.seconds, micros = divmod(order.update_time_us, 1_000_000)
+    updated.nanos = micros * 1000
     target.version = order.version  # type: ignore[attr-defined]
     target.currency_code = order.currency_code  # type: ignore[attr-defined]
 
