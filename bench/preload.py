@@ -4,10 +4,10 @@ The schema comes from :meth:`orders.storage.Repository.migrate` (so it is exactl
 rows are then written in large transactions over a plain DB-API connection (:mod:`bench.db`:
 ``executemany`` on SQLite with ``synchronous=OFF`` and an in-memory rollback journal, ``COPY`` on
 PostgreSQL with ``synchronous_commit=off``; safe only because nothing else uses the database yet, and a
-crash just means loading again). Each order gets 1–3 items and its creation event (UNSPECIFIED →
-PENDING), exactly as CreateOrder would write them: ids are version-4 UUIDs in canonical form, order keys
-and event sequences continue after whatever the database holds, and creation times strictly increase
-with the key. Afterwards a SQLite file is back in WAL mode, checkpointed, and PostgreSQL's BIGSERIAL
+crash just means loading again). Each order gets 1–3 items, its encoded form and its creation event
+(UNSPECIFIED → PENDING), exactly as CreateOrder would write them: ids are version-4 UUIDs in canonical
+form, order keys and event sequences continue after whatever the database holds, and creation times
+strictly increase with the key. Afterwards a SQLite file is back in WAL mode, checkpointed, and PostgreSQL's BIGSERIAL
 sequences are moved past the explicit keys, so the server's own inserts continue after them.
 """
 
@@ -20,11 +20,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bench.db import HEAD_SQL, Row, connect, migrate
+from orders.domain import Item, Order, Status
+from orders.wire import encode_order
 
-PENDING = 1
 _PRODUCTS = ("Laptop", "Mouse", "Keyboard", "Monitor 27in", "USB-C cable", "Desk lamp", "Headphones", "Webcam")
 _VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
-ORDER_COLUMNS = ("key", "id", "status", "total_cents", "currency_code", "version", "create_time_us", "update_time_us")
+ORDER_COLUMNS = (
+    "key", "id", "status", "total_cents", "currency_code", "version", "create_time_us", "update_time_us", "encoded"
+)
 ITEM_COLUMNS = ("order_key", "position", "id", "product_name", "quantity", "price_cents")
 EVENT_COLUMNS = ("sequence", "order_id", "previous", "status", "time_us")
 
@@ -70,15 +73,16 @@ class _Layout:
             number = start + i
             key = self.first_key + number
             at = self.base_time + number
-            total = 0
+            items = []
             for position in range(item_counts[i]):
                 quantity = 1 + (number + position) % 5
                 price = 100 + (number * 7919 + position * 104729) % 200_000
-                total += quantity * price
-                product = _PRODUCTS[(number + position) % len(_PRODUCTS)]
-                rows.items.append((key, position, next(item_ids), product, quantity, price))
-            rows.orders.append((key, order_ids[i], PENDING, total, "USD", 1, at, at))
-            rows.events.append((self.first_sequence + number, order_ids[i], None, PENDING, at))
+                items.append(Item(next(item_ids), _PRODUCTS[(number + position) % len(_PRODUCTS)], quantity, price))
+                rows.items.append((key, position, *items[-1]))
+            total = sum(item.quantity * item.price_cents for item in items)
+            order = Order(order_ids[i], tuple(items), total, "USD", Status.PENDING, 1, at, at)
+            rows.orders.append((key, order.id, Status.PENDING, total, "USD", 1, at, at, encode_order(order)))
+            rows.events.append((self.first_sequence + number, order_ids[i], None, Status.PENDING, at))
         return rows
 
 

@@ -31,6 +31,7 @@ from grpclib.protocol import Peer
 from grpclib.server import Server, Stream
 
 from orders.errors import OrderError
+from orders.wire import EncodedReply
 
 REQUEST_ID_HEADER = "x-request-id"
 _CLIENT_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,64}")  # printable ASCII, no spaces: safe in any log line
@@ -85,7 +86,7 @@ async def send_framed(stream: Stream, messages: FramedMessages) -> None:
 class StrictProtoCodec(ProtoCodec):
     """grpclib's protobuf codec, decoding requests with the protobuf runtime (upb, in C) instead of
     betterproto2, answering undecodable ones with INVALID_ARGUMENT, and encoding replies given as
-    protobuf-runtime messages (see :mod:`orders.wire`) as well as betterproto2 ones.
+    protobuf-runtime messages or already encoded (see :mod:`orders.wire`) as well as betterproto2 ones.
 
     A generated betterproto2 request type is decoded into the protobuf runtime's message class for the
     same descriptor: upb rejects malformed data (a truncated tag, a length past the end, field number 0)
@@ -95,6 +96,8 @@ class StrictProtoCodec(ProtoCodec):
     """
 
     def encode(self, message: Any, message_type: Any) -> bytes:
+        if isinstance(message, EncodedReply):  # encoded by the servicer (see orders.wire)
+            return message
         if isinstance(message, Message):  # upb: the C encoder
             if message.DESCRIPTOR.full_name != message_type.DESCRIPTOR.full_name:
                 raise TypeError(f"{message.DESCRIPTOR.full_name} sent where {message_type.__name__} is due")

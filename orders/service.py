@@ -44,8 +44,9 @@ class OrderService(OrderServiceBase):
         self._repository = storage.repository
         self._feed = feed
 
-    # Requests and replies are protobuf-runtime messages of the declared types' descriptors (see
-    # orders.wire and orders.calls.StrictProtoCodec).
+    # Requests are protobuf-runtime messages of the declared types' descriptors; replies carrying orders
+    # are sent as encoded (the repository stores orders encoded). See orders.wire and
+    # orders.calls.StrictProtoCodec.
 
     async def create_order(self, message: wire.Request) -> wire.Reply:  # type: ignore[override]
         new = domain.validate_new_order(
@@ -57,28 +58,26 @@ class OrderService(OrderServiceBase):
         order, event = await self._storage.write(self._repository.create_order, new, request_id)
         if event is not None:
             self._feed.notify()
-        return wire.order_reply(wire.CREATE_ORDER, order)
+        return wire.order_reply(order)
 
     async def get_order(self, message: wire.Request) -> wire.Reply:  # type: ignore[override]
         order_id = domain.parse_order_id(message.id)
         order = await self._storage.read(self._repository.get_order, order_id)
-        return wire.order_reply(wire.GET_ORDER, order)
+        return wire.order_reply(order)
 
     async def update_order_status(self, message: wire.Request) -> wire.Reply:  # type: ignore[override]
-        order = await self._change_status(message.id, domain.parse_status(message.status), message.expected_version)
-        return wire.order_reply(wire.UPDATE_ORDER_STATUS, order)
+        return await self._change_status(message.id, domain.parse_status(message.status), message.expected_version)
 
     async def cancel_order(self, message: wire.Request) -> wire.Reply:  # type: ignore[override]
-        order = await self._change_status(message.id, domain.Status.CANCELLED, message.expected_version)
-        return wire.order_reply(wire.CANCEL_ORDER, order)
+        return await self._change_status(message.id, domain.Status.CANCELLED, message.expected_version)
 
-    async def _change_status(self, raw_id: str, target: domain.Status, expected_version: int) -> domain.Order:
+    async def _change_status(self, raw_id: str, target: domain.Status, expected_version: int) -> wire.EncodedReply:
         order_id = domain.parse_order_id(raw_id)
         expected = domain.parse_expected_version(expected_version)
         order, event = await self._storage.write(self._repository.change_status, order_id, target, expected)
         if event is not None:
             self._feed.notify()
-        return order
+        return wire.order_reply(order)
 
     async def list_orders(self, message: wire.Request) -> wire.Reply:  # type: ignore[override]
         query = domain.parse_list_query(message.page_size, message.page_token, message.statuses)

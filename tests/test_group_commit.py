@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from orders._proto.orders.v1 import Order
 from orders.domain import NewItem, NewOrder
 from orders.errors import AlreadyExists
 from orders.storage_threads import Storage
@@ -76,7 +77,7 @@ async def test_a_write_failing_midway_rolls_back_only_itself(storage: Storage) -
 
     assert isinstance(outcomes[3], HalfWritten)
     created = [outcome[0] for i, outcome in enumerate(outcomes) if i != 3]
-    assert await stored_order_ids(storage) == {order.id for order in created}
+    assert await stored_order_ids(storage) == {Order.parse(encoded).id for encoded in created}
     committed_keys = [f"before-{i}" for i in range(3)] + [f"after-{i}" for i in range(3)]
     assert await stored_request_ids(storage) == sorted(committed_keys)
 
@@ -96,5 +97,5 @@ async def test_each_write_of_a_batch_gets_its_own_answer(storage: Storage) -> No
     assert retried[0] == first[0] and retried[1] is None  # no second creation event
     assert first[1] is not None and plain[1] is not None
     assert plain[1].sequence == first[1].sequence + 1
-    assert await stored_order_ids(storage) == {first[0].id, plain[0].id}
+    assert await stored_order_ids(storage) == {Order.parse(first[0]).id, Order.parse(plain[0]).id}
     assert await stored_request_ids(storage) == ["one"]

@@ -11,6 +11,7 @@ from pathlib import Path
 import peewee
 import pytest
 
+from orders._proto.orders.v1 import Order
 from orders.domain import NewItem, NewOrder
 from orders.storage import SiblingWriteLock
 from orders.storage_threads import Storage
@@ -49,7 +50,7 @@ async def test_a_write_waits_for_the_sibling_holding_the_lock(tmp_path: Path) ->
         assert not write.done()  # waiting for the sibling
         os.close(fd)  # the sibling is done (or died): the lock is released
         order, _ = await asyncio.wait_for(write, 5)
-        assert order.total_cents == 100
+        assert Order.parse(order).total_amount == 1.0
     finally:
         await storage.close()
 

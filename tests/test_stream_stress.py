@@ -21,6 +21,7 @@ from test_stream import STREAM_METHOD, TAILER_TASK, create, eventually, open_wat
 
 from orders._proto.orders.v1 import (
     CreateOrderRequest,
+    CreateOrderResponse,
     OrderItem,
     OrderServiceStub,
     OrderStatus,
@@ -87,11 +88,12 @@ async def write_events(server: OrderServer, n: int) -> None:
     """``n`` committed events through the service in this process (n // 2 creates, each then confirmed):
     no client connection whose own bookkeeping would be measured with the server."""
     request = CreateOrderRequest(items=[OrderItem(product_name="widget", quantity=1, price=1.0)])
-    created = await asyncio.gather(*(server.service.create_order(request) for _ in range(n // 2)))
+    replies = await asyncio.gather(*(server.service.create_order(request) for _ in range(n // 2)))
+    created = [CreateOrderResponse.parse(reply).order for reply in replies]
     await asyncio.gather(
         *(
-            server.service.update_order_status(UpdateOrderStatusRequest(id=r.order.id, status=OrderStatus.CONFIRMED))
-            for r in created
+            server.service.update_order_status(UpdateOrderStatusRequest(id=o.id, status=OrderStatus.CONFIRMED))
+            for o in created
         )
     )
 

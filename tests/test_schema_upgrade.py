@@ -1,0 +1,71 @@
+"""A database written by an older schema is upgraded in place by the first server that opens it, and one
+written by a newer schema is refused.
+
+Schema 1 had no ``order.encoded``: the test writes orders through a server, takes the database back to
+schema 1 (drops the column, records version 1), and checks that a server opening it answers every read
+with exactly what it answered before, and goes on writing.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from orders import Item, OrderClient, OrderStatus
+from orders.storage import SCHEMA_VERSION, DatabaseUnusable, Repository, open_database
+from orders.testing import serve
+
+
+def set_schema(url: str, version: int, *statements: str) -> None:
+    database = open_database(url)
+    try:
+        with database.atomic():
+            for statement in statements:
+                database.execute_sql(statement)
+            database.execute_sql(f"UPDATE schema_version SET version = {version}")
+    finally:
+        database.close()
+
+
+def stored_schema(url: str) -> list[tuple[int, ...]]:
+    database = open_database(url)
+    try:
+        return [tuple(row) for row in database.execute_sql("SELECT version FROM schema_version").fetchall()]
+    finally:
+        database.close()
+
+
+async def answers(client: OrderClient, order_ids: list[str]) -> tuple[list, list]:
+    """Every order by id, and every order listed (two pages of 2, to cross a page boundary)."""
+    listed = [order async for order in client.list(page_size=2)]
+    return [await client.get(order_id) for order_id in order_ids], listed
+
+
+async def test_a_schema_1_database_is_upgraded_and_serves_its_orders_unchanged(database_url: str) -> None:
+    async with serve(database_url) as client:
+        first = await client.create([Item("widget", 2, 19.99), Item("gadget", 1, 5.0)], currency_code="EUR")
+        second = await client.create([("lamp", 3, 12.5)])
+        third = await client.create([("cable", 1, 0.01)])
+        await client.update_status(first.id, OrderStatus.CONFIRMED)
+        await client.cancel(second.id)
+        order_ids = [first.id, second.id, third.id]
+        before = await answers(client, order_ids)
+    set_schema(database_url, 1, 'ALTER TABLE "order" DROP COLUMN encoded')
+
+    async with serve(database_url) as client:
+        assert await answers(client, order_ids) == before
+        shipped = await client.update_status(first.id, OrderStatus.SHIPPED)
+        assert (shipped.status, shipped.version, shipped.items) == (OrderStatus.SHIPPED, 3, before[0][0].items)
+        fourth = await client.create([("mug", 1, 7.0)])
+        assert [order.id async for order in client.list()] == [*order_ids, fourth.id]
+    assert stored_schema(database_url) == [(SCHEMA_VERSION,)]
+
+
+def test_a_database_of_a_newer_schema_is_refused(database_url: str) -> None:
+    database = open_database(database_url)
+    try:
+        Repository(database).migrate()
+        database.execute_sql(f"UPDATE schema_version SET version = {SCHEMA_VERSION + 1}")
+        with pytest.raises(DatabaseUnusable, match=f"version {SCHEMA_VERSION + 1} is newer than this server's"):
+            Repository(database).migrate()
+    finally:
+        database.close()
