@@ -57,7 +57,7 @@ from grpclib.client import Channel
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from server_process import ServerProcess
 
-from orders import storage
+from orders import domain, storage, wire
 from orders._proto.orders.v1 import (
     CreateOrderRequest,
     ListOrdersRequest,
@@ -334,6 +334,22 @@ def check_database(url: str, orders: int, head: int, after: int) -> None:
         assert rows('SELECT COUNT(*), SUM(version) FROM "order"') == [(orders, head + 1)]
         sequences = [sequence for (sequence,) in rows("SELECT sequence FROM status_event ORDER BY sequence")]
         assert sequences == [*range(1, head + 1), after], "the event log is not 1..head and the write after"
+        check_encoded_orders(rows)
+
+
+def check_encoded_orders(rows: Callable[[str], list[tuple]]) -> None:
+    """Every order's encoded form, which replies carry, is exactly its columns and items encoded."""
+    items = collections.defaultdict(list)
+    for order_key, *item in rows(
+        "SELECT order_key, id, product_name, quantity, price_cents FROM order_item ORDER BY order_key, position"
+    ):
+        items[order_key].append(domain.Item(*item))
+    for key, order_id, total, currency, status, version, created, updated, encoded in rows(
+        "SELECT key, id, total_cents, currency_code, status, version, create_time_us, update_time_us, encoded "
+        'FROM "order"'
+    ):
+        columns = domain.Order(order_id, tuple(items[key]), total, currency, status, version, created, updated)
+        assert bytes(encoded) == wire.encode_order(columns), f"order {order_id}: encoded form and columns differ"
 
 
 @pytest.mark.parametrize("kill_point", range(KILL_POINTS))
