@@ -221,6 +221,7 @@ class Repository:
         self.prune_slack = max(1, min(retention_events // 16, PRUNE_SLACK_MAX))
         self._pruned_through: int | None = None  # writer thread only; None: not known yet
         self._batch_without_savepoints = False  # writer thread only; see write_batch
+        self._events_appended = False  # writer thread only: in the current write transaction
         self._sibling_lock: contextlib.AbstractContextManager[None] = (
             contextlib.nullcontext() if self._postgresql else SiblingWriteLock.beside(database.database)
         )
@@ -276,7 +277,10 @@ class Repository:
         with self.database.atomic():
             if outermost:
                 self.database.execute_sql("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK_KEY,))
+                self._events_appended = False
             yield
+            if outermost and self._events_appended:  # one wake-up per commit, delivered only if it commits
+                self.database.execute_sql(NOTIFY_EVENTS_SQL)
 
     @contextlib.contextmanager
     def write_batch(self, *, savepoints: bool) -> Iterator[None]:
@@ -415,8 +419,7 @@ class Repository:
 
     def _append_event(self, order_id: str, previous: Status | None, status: Status, now: int) -> StatusEvent:
         sequence = self._insert(self._insert_event_sql, (order_id, previous, status, now))
-        if self._postgresql:  # delivered at commit, and only if this transaction commits
-            self.database.execute_sql(NOTIFY_EVENTS_SQL)
+        self._events_appended = True  # PostgreSQL: the transaction notifies before it commits
         if self.retention_events:
             self._prune(sequence)
         return StatusEvent(sequence, order_id, previous, status, now)
