@@ -260,7 +260,7 @@ class Repository:
         nothing at all inside ``write_batch(savepoints=False)``).
 
         SQLite: ``BEGIN IMMEDIATE``. PostgreSQL: ``pg_advisory_xact_lock``, taken first thing and held to
-        the commit or rollback.
+        the commit or rollback; and, if the transaction appended events, one NOTIFY just before it commits.
         """
         if self._batch_without_savepoints:
             yield
