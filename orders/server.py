@@ -175,7 +175,7 @@ async def serve(config: ServerConfig, on_started: Callable[[int], None] = announ
         await order_server.start()
     except DatabaseUnusable as exc:
         await order_server.storage.close(timeout=AFTER_GRACE)
-        raise SystemExit(f"orders serve: the database {redacted(config.db)} is unusable: {exc}") from None
+        raise _unusable(config, exc) from None
     except OSError as exc:  # the port is taken, or the host is not an address of this machine
         raise SystemExit(f"orders serve: cannot listen: {exc}") from None
     try:
@@ -199,10 +199,30 @@ def configure_logging(level: str, log_format: str = "text") -> None:
         use_json_logging()
 
 
+def _unusable(config: ServerConfig, exc: DatabaseUnusable) -> SystemExit:
+    return SystemExit(f"orders serve: the database {redacted(config.db)} is unusable: {exc}")
+
+
+async def prepare_database(config: ServerConfig) -> None:
+    """Create, upgrade or check the schema of ``config.db``, or exit with one line saying why not.
+
+    ``--workers N`` does this once before starting the workers: a schema upgrade that outlasted the
+    database's busy timeout would otherwise leave every worker but the upgrading one unable to start.
+    """
+    storage = Storage(config.db, retention_events=config.retention_events)
+    try:
+        await storage.open()
+    except DatabaseUnusable as exc:
+        raise _unusable(config, exc) from None
+    finally:
+        await storage.close(timeout=AFTER_GRACE)
+
+
 def run(config: ServerConfig) -> None:
     """Serve until SIGINT or SIGTERM: in this process, or with ``--workers N`` in N worker processes."""
     configure_logging(config.log_level, config.log_format)
     if config.workers > 1:
+        asyncio.run(prepare_database(config))
         sys.exit(supervise(config))
     asyncio.run(serve(config))
 

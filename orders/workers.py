@@ -1,6 +1,7 @@
 """``--workers N``: N server processes on one port (``SO_REUSEPORT``) and one database.
 
-The supervisor (the process ``orders serve --workers N`` starts as) runs no server itself. It starts N
+The supervisor (the process ``orders serve --workers N`` starts as) runs no server itself. It creates
+or upgrades the database's schema once (:func:`orders.server.prepare_database`), then starts N
 worker processes, each a complete server exactly like ``--workers 1`` but bound with ``SO_REUSEPORT``,
 so the kernel spreads new connections over them and a 2-core machine uses both cores. Workers share
 nothing but the database: a change made through any of them reaches watchers on all of them through

@@ -106,15 +106,32 @@ async def test_a_worker_that_dies_is_replaced(tmp_path: Path, database_url: str)
         assert await server.stop() == 0
 
 
-@pytest.mark.database_free  # the database is unreachable on purpose
-async def test_workers_that_cannot_start_fail_the_supervisor() -> None:
-    unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
+async def run_supervisor(*args: str) -> tuple[int | None, bytes, bytes]:
     process = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "orders.server", "--workers", "2", "--port", "0", "--db", unreachable),
+        *(sys.executable, "-m", "orders.server", "--workers", "2", "--port", "0", *args),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(process.communicate(), TIMEOUT)
-    assert process.returncode == 1
+    return process.returncode, out, err
+
+
+@pytest.mark.database_free  # a SQLite file of its own: the workers fail before they use it
+async def test_workers_that_cannot_start_fail_the_supervisor(tmp_path: Path) -> None:
+    missing = str(tmp_path / "missing.pem")
+    database = f"sqlite:///{tmp_path / 'orders.db'}"
+    code, out, err = await run_supervisor("--db", database, "--tls-cert", missing, "--tls-key", missing)
+    assert code == 1
     assert b"Server started" not in out
-    assert b"did not start" in err and b"Connection refused" in err, err.decode()[-2000:]
+    assert b"did not start" in err and b"cannot read the TLS certificate" in err, err.decode()[-2000:]
+
+
+@pytest.mark.database_free  # the database is unreachable on purpose
+async def test_an_unusable_database_fails_the_supervisor_before_any_worker_starts() -> None:
+    """The supervisor creates or upgrades the schema itself, once, before it starts the workers."""
+    unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
+    code, out, err = await run_supervisor("--db", unreachable)
+    assert code == 1
+    assert b"Server started" not in out
+    assert err.count(b"is unusable") == 1 and b"Connection refused" in err, err.decode()[-2000:]
+    assert b"did not start" not in err
