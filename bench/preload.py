@@ -7,8 +7,9 @@ PostgreSQL with ``synchronous_commit=off``; safe only because nothing else uses 
 crash just means loading again). Each order gets 1–3 items, its encoded form and its creation event
 (UNSPECIFIED → PENDING), exactly as CreateOrder would write them: ids are version-4 UUIDs in canonical
 form, order keys and event sequences continue after whatever the database holds, and creation times
-strictly increase with the key. Afterwards a SQLite file is back in WAL mode, checkpointed, and PostgreSQL's BIGSERIAL
-sequences are moved past the explicit keys, so the server's own inserts continue after them.
+strictly increase with the key. Afterwards a SQLite file is back in WAL mode, checkpointed, and
+PostgreSQL's BIGSERIAL sequences are moved past the explicit keys, so the server's own inserts continue
+after them.
 """
 
 from __future__ import annotations
