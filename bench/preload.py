@@ -21,11 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bench.db import HEAD_SQL, Row, connect, migrate
-from orders.domain import Item, Order, Status
+from orders.domain import Item, Order, Status, uuid4_from_bytes
 from orders.wire import encode_order
 
 _PRODUCTS = ("Laptop", "Mouse", "Keyboard", "Monitor 27in", "USB-C cable", "Desk lamp", "Headphones", "Webcam")
-_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 ORDER_COLUMNS = (
     "key", "id", "status", "total_cents", "currency_code", "version", "create_time_us", "update_time_us", "encoded"
 )
@@ -34,16 +33,12 @@ EVENT_COLUMNS = ("sequence", "order_id", "previous", "status", "time_us")
 
 
 def new_uuids(count: int, rng: random.Random | None = None) -> list[str]:
-    """``count`` version-4 UUIDs in canonical lower-case form (what ``str(uuid.uuid4())`` gives).
+    """``count`` version-4 UUIDs in canonical lower-case form, as the server makes them.
 
     Random from ``os.urandom``, or from ``rng`` for a repeatable sequence.
     """
-    digits = (rng.randbytes(16 * count) if rng is not None else os.urandom(16 * count)).hex()
-    ids = []
-    for start in range(0, 32 * count, 32):
-        h = digits[start : start + 32]
-        ids.append(f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}")
-    return ids
+    data = rng.randbytes(16 * count) if rng is not None else os.urandom(16 * count)
+    return [uuid4_from_bytes(data[start : start + 16]) for start in range(0, 16 * count, 16)]
 
 
 @dataclass
