@@ -55,7 +55,7 @@ class OrderService(OrderServiceBase):
             message.currency_code,
         )
         request_id = domain.parse_request_id(message.request_id)
-        order, event = await self._storage.write(self._repository.create_order, new, request_id)
+        order, event = await self._storage.write_together(self._repository.create_orders, (new, request_id))
         if event is not None:
             self._feed.notify()
         return wire.order_reply(order)

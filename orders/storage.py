@@ -19,8 +19,8 @@ import logging
 import os
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, NamedTuple, TypeVar
 
 import peewee
 from playhouse import db_url
@@ -28,7 +28,7 @@ from playhouse import migrate as playhouse_migrate
 
 from orders import domain, wire
 from orders.domain import Item, ListQuery, NewOrder, Order, Status, StatusEvent
-from orders.errors import Aborted, AlreadyExists, NotFound
+from orders.errors import Aborted, AlreadyExists, NotFound, OrderError
 
 SCHEMA_VERSION = 2  # 2: order.encoded
 DEFAULT_DB_URL = "sqlite:///orders.db"
@@ -56,11 +56,27 @@ SQLITE_PRAGMAS = {
 # smaller N trims the old surplus over the following writes instead of stalling one of them.
 PRUNE_SLACK_MAX = 1024
 PRUNE_BATCH_MAX = 4096
+# Rows per multi-row INSERT, at most: 2,048 parameters for an order's eight columns, well under SQLite's
+# 32,766 and PostgreSQL's 65,535.
+ROWS_PER_STATEMENT = 256
 
 
 log = logging.getLogger(__name__)
 
 _STATUSES = {int(status): status for status in Status}  # stored number -> Status, without Status()'s cost
+
+A = TypeVar("A")
+R = TypeVar("R")
+Created = tuple[bytes, StatusEvent | None]  # a created order, encoded, and its creation event (None: a retry)
+
+
+def single(many: Callable[[list[A]], list[R | OrderError]], argument: A) -> R:
+    """What ``many``, a write of several requests at once (like :meth:`Repository.create_orders`), gives for
+    ``argument`` alone: its result, or its OrderError raised."""
+    (outcome,) = many([argument])
+    if isinstance(outcome, OrderError):
+        raise outcome
+    return outcome
 
 
 class DatabaseUnusable(Exception):
@@ -204,6 +220,21 @@ class SiblingWriteLock:
         os.close(fd)  # releases the lock
 
 
+class _Draft(NamedTuple):
+    """An order a create request would make, before it is written."""
+
+    order: Order  # with fresh ids
+    encoded: bytes
+    request_id: str | None
+    fingerprint: str  # of the request, when it has a request id
+
+    @classmethod
+    def of(cls, new: NewOrder, request_id: str | None, now: int) -> _Draft:
+        items = tuple(Item(domain.new_id(), i.product_name, i.quantity, i.price_cents) for i in new.items)
+        order = Order(domain.new_id(), items, new.total_cents, new.currency_code, Status.PENDING, 1, now, now)
+        return cls(order, wire.encode_order(order), request_id, new.fingerprint() if request_id is not None else "")
+
+
 def now_us() -> int:
     """Wall-clock time in microseconds since the Unix epoch."""
     return time.time_ns() // 1000
@@ -236,15 +267,8 @@ class Repository:
         # peewee once, here (dialect, quoting, PostgreSQL's RETURNING), and run with parameters.
         o, i, e, k = self._orders, self._items, self._events, self._keys
         self._order_by_id_sql = o.select(o.status, o.version, o.update_time_us, o.encoded).where(o.id == "").sql()[0]
-        self._insert_order_sql = o.insert(
-            id="", status=0, total_cents=0, currency_code="", version=0, create_time_us=0, update_time_us=0, encoded=b""
-        ).sql()[0]
         self._insert_item_sql = (
             i.insert(order=0, position=0, id="", product_name="", quantity=0, price_cents=0).returning().sql()[0]
-        )
-        self._insert_event_sql = e.insert(order_id="", previous=None, status=0, time_us=0).sql()[0]
-        self._claim_key_sql = (
-            k.insert(key="", fingerprint="", order_id="", created_us=0).on_conflict_ignore().returning().sql()[0]
         )
         self._reclaim_key_sql = k.update(fingerprint="", order_id="", created_us=0).where(k.key == "").sql()[0]
         self._key_sql = k.select(k.fingerprint, k.order_id, k.created_us).where(k.key == "").sql()[0]
@@ -253,6 +277,19 @@ class Repository:
         self._change_status_sql = (
             o.update(status=0, version=0, update_time_us=0, encoded=b"").where((o.id == "") & (o.version == 0)).sql()[0]
         )
+        # Multi-row INSERTs (see _insert_rows): a batch of creates writes each table in one statement,
+        # which on PostgreSQL is one round trip instead of one per order. Their SQL is generated once
+        # per row count.
+        order = {"id": "", "status": 0, "total_cents": 0, "currency_code": "", "version": 0, "create_time_us": 0}
+        order |= {"update_time_us": 0, "encoded": b""}
+        event = {"order_id": "", "previous": None, "status": 0, "time_us": 0}
+        claim = {"key": "", "fingerprint": "", "order_id": "", "created_us": 0}
+        self._multi_row_inserts: dict[str, Callable[[int], peewee.Insert]] = {
+            "order": lambda rows: o.insert_many([order] * rows).returning(o.id, o.key),
+            "status_event": lambda rows: e.insert_many([event] * rows).returning(e.order_id, e.sequence),
+            "idempotency_key": lambda rows: k.insert_many([claim] * rows).on_conflict_ignore().returning(k.order_id),
+        }
+        self._multi_row_sqls: dict[tuple[str, int], str] = {}
 
     @contextlib.contextmanager
     def write_transaction(self) -> Iterator[None]:
@@ -349,49 +386,76 @@ class Repository:
 
     # --- writes ------------------------------------------------------------------------------
 
-    def create_order(self, new: NewOrder, request_id: str | None) -> tuple[bytes, StatusEvent | None]:
+    def create_order(self, new: NewOrder, request_id: str | None) -> Created:
         """Insert an order with its creation event: the order (encoded, see :attr:`OrderRow.encoded`) and
         the event; an idempotent retry returns the original order and no event."""
+        return single(self.create_orders, (new, request_id))
+
+    def create_orders(self, requests: Sequence[tuple[NewOrder, str | None]]) -> list[Created | OrderError]:
+        """Create orders as :meth:`create_order` does, all in one transaction and one statement per table:
+        for each (new order, request id), in order, what :meth:`create_order` returns or the OrderError
+        it raises. A refused request writes nothing."""
         with self.write_transaction():
             now = now_us()
-            order_id = domain.new_id()
-            if request_id is not None:
-                existing = self._claim_request_id(request_id, new.fingerprint(), order_id, now)
-                if existing is not None:
-                    return existing, None
-            items = tuple(Item(domain.new_id(), i.product_name, i.quantity, i.price_cents) for i in new.items)
-            order = Order(order_id, items, new.total_cents, new.currency_code, Status.PENDING, 1, now, now)
-            encoded = wire.encode_order(order)
-            key = self._insert(
-                self._insert_order_sql,
-                (order_id, Status.PENDING, new.total_cents, new.currency_code, 1, now, now, encoded),
-            )
-            self._execute_many(
-                self._insert_item_sql,
-                [(key, position, i.id, i.product_name, i.quantity, i.price_cents) for position, i in enumerate(items)],
-            )
-            return encoded, self._append_event(order_id, None, Status.PENDING, now)
+            drafts = [_Draft.of(new, request_id, now) for new, request_id in requests]
+            # The claims come first, so a new request id (the usual case) costs its row and no lookup.
+            claims = [(d.request_id, d.fingerprint, d.order.id, now) for d in drafts if d.request_id is not None]
+            claimed = {order_id for (order_id,) in self._insert_rows("idempotency_key", claims)}
+            fresh = [d for d in drafts if d.request_id is None or d.order.id in claimed]
+            created = dict(zip((d.order.id for d in fresh), self._insert_orders(fresh), strict=True))
+            outcomes: list[Created | OrderError] = []
+            for draft in drafts:
+                if draft.order.id in created:
+                    outcomes.append(created[draft.order.id])
+                    continue
+                try:
+                    outcomes.append(self._create_under_used_request_id(draft))
+                except OrderError as exc:
+                    outcomes.append(exc)
+            return outcomes
 
-    def _claim_request_id(self, request_id: str, fingerprint: str, order_id: str, now: int) -> bytes | None:
-        """Record that ``request_id`` creates ``order_id`` and return None; or, for a retry of the request
-        that already created an order under it, return that order (AlreadyExists for another request).
+    def _insert_orders(self, drafts: list[_Draft]) -> list[Created]:
+        """Insert drafted orders with their items and creation events."""
+        if not drafts:
+            return []
+        orders = [(d.order, d.encoded) for d in drafts]
+        keys = dict(
+            self._insert_rows(
+                "order",
+                [
+                    (o.id, o.status, o.total_cents, o.currency_code, o.version, o.create_time_us, o.update_time_us, e)
+                    for o, e in orders
+                ],
+            )
+        )
+        self._execute_many(
+            self._insert_item_sql,
+            [
+                (keys[order.id], position, i.id, i.product_name, i.quantity, i.price_cents)
+                for order, _ in orders
+                for position, i in enumerate(order.items)
+            ],
+        )
+        events = self._append_events([(o.id, None, o.status) for o, _ in orders], orders[0][0].create_time_us)
+        return [(encoded, event) for (_, encoded), event in zip(orders, events, strict=True)]
 
-        The insert comes first, so a new key (the usual case) costs one statement and no lookup.
-        """
-        if self.database.execute_sql(self._claim_key_sql, (request_id, fingerprint, order_id, now)).rowcount:
-            return None
+    def _create_under_used_request_id(self, draft: _Draft) -> Created:
+        """Create for a request whose request id is taken (by an earlier order, or an earlier request of the
+        same batch): a retry of that request gets its order and no event, an expired key is taken over by
+        the draft, and another request gets AlreadyExists."""
         stored_fingerprint, stored_order_id, created = self.database.execute_sql(
-            self._key_sql, (request_id,)
+            self._key_sql, (draft.request_id,)
         ).fetchone()
+        now = draft.order.create_time_us
         if now - created > domain.IDEMPOTENCY_WINDOW_US:  # expired: the key is free for a new order
-            self.database.execute_sql(self._reclaim_key_sql, (fingerprint, order_id, now, request_id))
-            return None
-        if stored_fingerprint != fingerprint:
+            self.database.execute_sql(self._reclaim_key_sql, (draft.fingerprint, draft.order.id, now, draft.request_id))
+            return self._insert_orders([draft])[0]
+        if stored_fingerprint != draft.fingerprint:
             raise AlreadyExists(
-                f"request_id {request_id!r} was already used for a different request (order {stored_order_id}); "
+                f"request_id {draft.request_id!r} was already used for a different request (order {stored_order_id}); "
                 "use a new request_id for a new order"
             )
-        return self.get_order(stored_order_id)
+        return self.get_order(stored_order_id), None
 
     def change_status(
         self, order_id: str, target: Status, expected_version: int | None
@@ -415,19 +479,30 @@ class Repository:
             ).rowcount
             if updated != 1:
                 raise Aborted(f"order {order_id} changed concurrently; read it again and retry")
-            return changed, self._append_event(order_id, status, target, now)
+            return changed, self._append_events([(order_id, status, target)], now)[0]
 
-    def _append_event(self, order_id: str, previous: Status | None, status: Status, now: int) -> StatusEvent:
-        sequence = self._insert(self._insert_event_sql, (order_id, previous, status, now))
+    def _append_events(self, changes: list[tuple[str, Status | None, Status]], now: int) -> list[StatusEvent]:
+        """Append one event per (order id, previous status, status) of ``changes``, at most one per order."""
+        sequences = dict(self._insert_rows("status_event", [(*change, now) for change in changes]))
         self._events_appended = True  # PostgreSQL: the transaction notifies before it commits
         if self.retention_events:
-            self._prune(sequence)
-        return StatusEvent(sequence, order_id, previous, status, now)
+            self._prune(max(sequences.values()))
+        return [
+            StatusEvent(sequences[order_id], order_id, previous, status, now) for order_id, previous, status in changes
+        ]
 
-    def _insert(self, sql: str, params: tuple[Any, ...]) -> int:
-        """Run one of the prepared INSERTs above; the new row's key."""
-        cursor = self.database.execute_sql(sql, params)
-        return cursor.fetchone()[0] if self._postgresql else cursor.lastrowid
+    def _insert_rows(self, table: str, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """Insert ``rows`` into ``table`` (see ``_multi_row_inserts``), ROWS_PER_STATEMENT at most per
+        statement: the rows their RETURNING gives, in no particular order."""
+        returned: list[tuple[Any, ...]] = []
+        for start in range(0, len(rows), ROWS_PER_STATEMENT):
+            chunk = rows[start : start + ROWS_PER_STATEMENT]
+            statement = (table, len(chunk))
+            if statement not in self._multi_row_sqls:
+                self._multi_row_sqls[statement] = self._multi_row_inserts[table](len(chunk)).sql()[0]
+            cursor = self.database.execute_sql(self._multi_row_sqls[statement], [v for row in chunk for v in row])
+            returned += cursor.fetchall()
+        return returned
 
     def _execute_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
         with peewee.__exception_wrapper__:  # peewee's exception types, as execute_sql raises them

@@ -11,15 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 import peewee
 
-from orders.errors import Unavailable
+from orders.errors import OrderError, Unavailable
 from orders.storage import (
     DEFAULT_DB_URL,
     DatabaseUnusable,
@@ -27,12 +28,22 @@ from orders.storage import (
     is_postgresql,
     listen_for_commits,
     open_database,
+    single,
 )
 
 P = ParamSpec("P")
+A = TypeVar("A")
 R = TypeVar("R")
 
 MAX_BATCH = 256  # jobs per batch: per transaction on the writer
+
+
+@dataclass(frozen=True, slots=True)
+class Together:
+    """A job's part in a write of several requests at once (see :meth:`Storage.write_together`)."""
+
+    many: Callable[[list[Any]], list[Any]]
+    argument: Any
 
 
 @dataclass(slots=True)
@@ -40,6 +51,7 @@ class _Job:
     fn: Callable[[], Any]
     future: asyncio.Future[Any]
     transactional: bool = True  # writer only: False runs it outside the batch's transaction
+    together: Together | None = None  # writer only: run with the batch's jobs of the same ``many`` at once
 
 
 Outcome = tuple[asyncio.Future[Any], Any, BaseException | None]
@@ -55,7 +67,7 @@ class DatabaseThread:
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
-    async def run(self, fn: Callable[[], R], *, transactional: bool = True) -> R:
+    async def run(self, fn: Callable[[], R], *, transactional: bool = True, together: Together | None = None) -> R:
         """Queue ``fn`` and wait for its result. A caller that gives up before it starts (cancelled, a
         deadline) keeps it from running; once started it runs to the end.
 
@@ -66,7 +78,7 @@ class DatabaseThread:
         future: asyncio.Future[R] = loop.create_future()
         if not self._handing_over:
             loop.call_soon(self._hand_over)
-        self._handing_over.append(_Job(fn, future, transactional))
+        self._handing_over.append(_Job(fn, future, transactional, together))
         return await future
 
     def _hand_over(self) -> None:
@@ -115,6 +127,9 @@ class GroupCommitWriter(DatabaseThread):
     """The one writer thread. Jobs queued while a transaction commits are run together in the next one,
     all made durable by a single commit (one fsync), and only then is any caller answered.
 
+    Consecutive jobs of a batch that are parts of the same write of several requests (see
+    :meth:`Storage.write_together`) run as one call of it, with all their arguments.
+
     A batch first runs its jobs straight in the transaction. Should one fail, the transaction is rolled
     back (the failed job may have written part of its work) and the batch runs again with each job in
     its own savepoint (a job is a repository write, whose ``write_transaction()`` then nests as one), so
@@ -139,9 +154,9 @@ class GroupCommitWriter(DatabaseThread):
 
         def run_all() -> None:
             with self._repository.write_batch(savepoints=savepoints):
-                for job in jobs:
+                for group in [[job] for job in jobs] if savepoints else _together(jobs):
                     try:
-                        results.append((job.fn(), None))
+                        results.extend(_run_group(group))
                     except Exception as exc:
                         if not savepoints:
                             raise _RunWithSavepoints from exc
@@ -154,6 +169,23 @@ class GroupCommitWriter(DatabaseThread):
         except Exception as exc:  # BEGIN or COMMIT failed: nothing of the batch is durable
             return [(job.future, None, exc) for job in jobs]
         return [(job.future, result, error) for job, (result, error) in zip(jobs, results, strict=True)]
+
+
+def _together(jobs: list[_Job]) -> Iterator[list[_Job]]:
+    """The jobs in order, in groups to run as one call: a run of parts of the same write (see
+    :class:`Together`), or a job alone."""
+    for _, group in itertools.groupby(jobs, key=lambda job: job if job.together is None else job.together.many):
+        yield list(group)
+
+
+def _run_group(jobs: list[_Job]) -> list[tuple[Any, BaseException | None]]:
+    """Each job's result or error; a group of parts of one write returns the errors of the requests it
+    refused (they wrote nothing) and raises for anything else."""
+    if len(jobs) == 1:
+        return [(jobs[0].fn(), None)]
+    many = jobs[0].together.many  # type: ignore[union-attr]  # a group of several is of parts
+    outcomes = many([job.together.argument for job in jobs])  # type: ignore[union-attr]
+    return [(None, outcome) if isinstance(outcome, OrderError) else (outcome, None) for outcome in outcomes]
 
 
 def _answer(outcomes: list[Outcome]) -> None:
@@ -221,6 +253,12 @@ class Storage:
     async def write(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         """Run ``fn``, a repository write, on the writer thread, in a transaction shared with other queued writes."""
         return await self._writer.run(functools.partial(fn, *args, **kwargs))
+
+    async def write_together(self, many: Callable[[list[A]], list[R | OrderError]], argument: A) -> R:
+        """``single(many, argument)`` (see :func:`orders.storage.single`) on the writer thread; the calls of
+        ``many`` queued together run as one, with all their arguments: a write that takes several requests
+        at once (like ``Repository.create_orders``, one statement per table for them all)."""
+        return await self._writer.run(functools.partial(single, many, argument), together=Together(many, argument))
 
     async def read(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         """Run ``fn`` on the reader thread."""

@@ -1,7 +1,8 @@
 """Group commit: writes queued together share one transaction, yet each caller gets its own outcome.
 
 The writer first runs a batch without savepoints and, should a write fail, rolls the batch back and runs
-it again with a savepoint per write. These tests hold the writer on a gate so that the writes behind it
+it again with a savepoint per write. Creates queued together run as one ``Repository.create_orders``
+call (``Storage.write_together``). These tests hold the writer on a gate so that the writes behind it
 queue up and run as one batch, with a write among them that fails after writing part of its work.
 """
 
@@ -14,7 +15,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from orders._proto.orders.v1 import Order
-from orders.domain import NewItem, NewOrder
+from orders.domain import IDEMPOTENCY_WINDOW_US, NewItem, NewOrder
 from orders.errors import AlreadyExists
 from orders.storage_threads import Storage
 
@@ -35,11 +36,12 @@ async def storage(database_url: str) -> AsyncIterator[Storage]:
 
 
 async def run_as_one_batch(storage: Storage, writes: list) -> list:
-    """Queue ``writes`` (callables run on the writer) behind a gate, then release them together."""
+    """Queue ``writes`` (callables run on the writer, or awaitables that queue their own) behind a gate,
+    then release them together."""
     gate = threading.Event()
     held = asyncio.ensure_future(storage.write(gate.wait, 10))
     await asyncio.sleep(0.1)  # the writer is now waiting on the gate
-    queued = [asyncio.ensure_future(storage.write(write)) for write in writes]
+    queued = [asyncio.ensure_future(w if asyncio.iscoroutine(w) else storage.write(w)) for w in writes]
     await asyncio.sleep(0.1)
     gate.set()
     await held
@@ -99,3 +101,71 @@ async def test_each_write_of_a_batch_gets_its_own_answer(storage: Storage) -> No
     assert plain[1].sequence == first[1].sequence + 1
     assert await stored_order_ids(storage) == {Order.parse(first[0]).id, Order.parse(plain[0]).id}
     assert await stored_request_ids(storage) == ["one"]
+
+
+async def test_creates_queued_together_run_as_one_call_yet_each_gets_its_own_answer(storage: Storage) -> None:
+    repository = storage.repository
+    calls: list[int] = []
+
+    def create_orders(requests: list) -> list:
+        calls.append(len(requests))
+        return repository.create_orders(requests)
+
+    requests = [(NEW, "one"), (OTHER, "one"), (NEW, "one"), (OTHER, None), (NEW, "two")]
+    creates = [storage.write_together(create_orders, request) for request in requests]
+
+    first, reused, retried, plain, second = await run_as_one_batch(storage, creates)
+
+    assert calls == [5]
+    assert isinstance(reused, AlreadyExists) and "'one'" in str(reused)
+    assert retried[0] == first[0] and retried[1] is None  # the first order again, no second creation event
+    events = [first[1], plain[1], second[1]]
+    assert [event.sequence for event in events] == [first[1].sequence + i for i in range(3)]
+    created = [Order.parse(outcome[0]) for outcome in (first, plain, second)]
+    assert [event.order_id for event in events] == [order.id for order in created]
+    assert [len(order.items) for order in created] == [1, 1, 1] and created[1].items[0].product_name == "gadget"
+    assert await stored_order_ids(storage) == {order.id for order in created}
+    assert await stored_request_ids(storage) == ["one", "two"]
+    assert [await storage.read(repository.get_order, order.id) for order in created] == [first[0], plain[0], second[0]]
+
+
+async def test_a_joint_create_that_fails_is_run_again_one_request_at_a_time(storage: Storage) -> None:
+    repository = storage.repository
+    calls: list[int] = []
+
+    def create_orders_failing_on_bad(requests: list) -> list:
+        calls.append(len(requests))
+        outcomes = repository.create_orders([request for request in requests if request[1] != "bad"])
+        if any(request[1] == "bad" for request in requests):
+            raise HalfWritten
+        return outcomes
+
+    requests = [(NEW, "a"), (NEW, "bad"), (OTHER, "b")]
+    creates = [storage.write_together(create_orders_failing_on_bad, request) for request in requests]
+
+    a, bad, b = await run_as_one_batch(storage, creates)
+
+    assert calls == [3, 1, 1, 1]  # together; then, rolled back, each in its own savepoint
+    assert isinstance(bad, HalfWritten)
+    assert await stored_order_ids(storage) == {Order.parse(a[0]).id, Order.parse(b[0]).id}
+    assert await stored_request_ids(storage) == ["a", "b"]
+
+
+async def test_an_expired_request_id_creates_a_new_order(storage: Storage) -> None:
+    repository = storage.repository
+    old, _ = await storage.write(repository.create_order, NEW, "reused")
+
+    def age_the_key() -> None:
+        repository.database.execute_sql(
+            f'UPDATE "idempotency_key" SET "created_us" = "created_us" - {IDEMPOTENCY_WINDOW_US + 1}'
+        )
+
+    await storage.write(age_the_key)
+    creates = [storage.write_together(repository.create_orders, request) for request in [(OTHER, "reused")] * 2]
+    new, retried = await run_as_one_batch(storage, creates)
+
+    assert new[1] is not None and retried == (new[0], None)
+    assert Order.parse(new[0]).id != Order.parse(old).id
+    assert await stored_order_ids(storage) == {Order.parse(old).id, Order.parse(new[0]).id}
+    with pytest.raises(AlreadyExists):  # the key is the new order's now, for the window
+        await storage.write(repository.create_order, NEW, "reused")
