@@ -74,7 +74,8 @@ class OrderService(OrderServiceBase):
     async def _change_status(self, raw_id: str, target: domain.Status, expected_version: int) -> wire.EncodedReply:
         order_id = domain.parse_order_id(raw_id)
         expected = domain.parse_expected_version(expected_version)
-        order, event = await self._storage.write(self._repository.change_status, order_id, target, expected)
+        change = (order_id, target, expected)
+        order, event = await self._storage.write_together(self._repository.change_statuses, change)
         if event is not None:
             self._feed.notify()
         return wire.order_reply(order)

@@ -67,7 +67,7 @@ _STATUSES = {int(status): status for status in Status}  # stored number -> Statu
 
 A = TypeVar("A")
 R = TypeVar("R")
-Created = tuple[bytes, StatusEvent | None]  # a created order, encoded, and its creation event (None: a retry)
+Written = tuple[bytes, StatusEvent | None]  # an order as written, encoded, and its event (None: no change)
 
 
 def single(many: Callable[[list[A]], list[R | OrderError]], argument: A) -> R:
@@ -220,6 +220,33 @@ class SiblingWriteLock:
         os.close(fd)  # releases the lock
 
 
+OrderState = tuple[int, int, int, bytes]  # an order's stored status, version, update_time_us and encoded form
+
+
+def _changed(
+    order_id: str, state: OrderState | None, target: Status, expected_version: int | None, now: int
+) -> tuple[tuple[str, Status, Status, int] | None, OrderState]:
+    """The (order id, previous, status, time) event a status change appends (None for the same-status
+    no-op) and the order's state after it; or the OrderError refusing the change."""
+    if state is None:
+        raise NotFound(f"no order with id {order_id}")
+    stored_status, version, update_time_us, encoded = state
+    status = _STATUSES[stored_status]
+    if expected_version is not None and expected_version != version:
+        raise Aborted(
+            f"order {order_id} is at version {version}, not the expected {expected_version}; read it again and retry"
+        )
+    if not domain.is_change(status, target):
+        return None, state
+    time_us = max(now, update_time_us + 1)  # update_time strictly increases
+    return (order_id, status, target, time_us), (
+        target,
+        version + 1,
+        time_us,
+        wire.with_status(encoded, target, version + 1, time_us),
+    )
+
+
 class _Draft(NamedTuple):
     """An order a create request would make, before it is written."""
 
@@ -277,19 +304,26 @@ class Repository:
         self._change_status_sql = (
             o.update(status=0, version=0, update_time_us=0, encoded=b"").where((o.id == "") & (o.version == 0)).sql()[0]
         )
-        # Multi-row INSERTs (see _insert_rows): a batch of creates writes each table in one statement,
-        # which on PostgreSQL is one round trip instead of one per order. Their SQL is generated once
-        # per row count.
+        # Statements for many rows (see _rows_sql): a batch of creates or status changes reads and writes
+        # each table in one statement, which on PostgreSQL is one round trip instead of one per order.
+        # Their SQL is generated once per row count.
         order = {"id": "", "status": 0, "total_cents": 0, "currency_code": "", "version": 0, "create_time_us": 0}
         order |= {"update_time_us": 0, "encoded": b""}
         event = {"order_id": "", "previous": None, "status": 0, "time_us": 0}
         claim = {"key": "", "fingerprint": "", "order_id": "", "created_us": 0}
-        self._multi_row_inserts: dict[str, Callable[[int], peewee.Insert]] = {
-            "order": lambda rows: o.insert_many([order] * rows).returning(o.id, o.key),
-            "status_event": lambda rows: e.insert_many([event] * rows).returning(e.order_id, e.sequence),
-            "idempotency_key": lambda rows: k.insert_many([claim] * rows).on_conflict_ignore().returning(k.order_id),
+        self._statements_for_rows: dict[str, Callable[[int], peewee.Query]] = {
+            "insert order": lambda rows: o.insert_many([order] * rows).returning(o.id, o.key),
+            "insert status_event": lambda rows: e.insert_many([event] * rows).returning(
+                e.order_id, e.status, e.sequence
+            ),
+            "claim idempotency_key": lambda rows: (
+                k.insert_many([claim] * rows).on_conflict_ignore().returning(k.order_id)
+            ),
+            "select order": lambda rows: o.select(o.id, o.status, o.version, o.update_time_us, o.encoded).where(
+                o.id.in_([""] * rows)
+            ),
         }
-        self._multi_row_sqls: dict[tuple[str, int], str] = {}
+        self._rows_sqls: dict[tuple[str, int], str] = {}
 
     @contextlib.contextmanager
     def write_transaction(self) -> Iterator[None]:
@@ -386,12 +420,12 @@ class Repository:
 
     # --- writes ------------------------------------------------------------------------------
 
-    def create_order(self, new: NewOrder, request_id: str | None) -> Created:
+    def create_order(self, new: NewOrder, request_id: str | None) -> Written:
         """Insert an order with its creation event: the order (encoded, see :attr:`OrderRow.encoded`) and
         the event; an idempotent retry returns the original order and no event."""
         return single(self.create_orders, (new, request_id))
 
-    def create_orders(self, requests: Sequence[tuple[NewOrder, str | None]]) -> list[Created | OrderError]:
+    def create_orders(self, requests: Sequence[tuple[NewOrder, str | None]]) -> list[Written | OrderError]:
         """Create orders as :meth:`create_order` does, all in one transaction and one statement per table:
         for each (new order, request id), in order, what :meth:`create_order` returns or the OrderError
         it raises. A refused request writes nothing."""
@@ -400,10 +434,10 @@ class Repository:
             drafts = [_Draft.of(new, request_id, now) for new, request_id in requests]
             # The claims come first, so a new request id (the usual case) costs its row and no lookup.
             claims = [(d.request_id, d.fingerprint, d.order.id, now) for d in drafts if d.request_id is not None]
-            claimed = {order_id for (order_id,) in self._insert_rows("idempotency_key", claims)}
+            claimed = {order_id for (order_id,) in self._run_for_rows("claim idempotency_key", claims)}
             fresh = [d for d in drafts if d.request_id is None or d.order.id in claimed]
             created = dict(zip((d.order.id for d in fresh), self._insert_orders(fresh), strict=True))
-            outcomes: list[Created | OrderError] = []
+            outcomes: list[Written | OrderError] = []
             for draft in drafts:
                 if draft.order.id in created:
                     outcomes.append(created[draft.order.id])
@@ -414,14 +448,14 @@ class Repository:
                     outcomes.append(exc)
             return outcomes
 
-    def _insert_orders(self, drafts: list[_Draft]) -> list[Created]:
+    def _insert_orders(self, drafts: list[_Draft]) -> list[Written]:
         """Insert drafted orders with their items and creation events."""
         if not drafts:
             return []
         orders = [(d.order, d.encoded) for d in drafts]
         keys = dict(
-            self._insert_rows(
-                "order",
+            self._run_for_rows(
+                "insert order",
                 [
                     (o.id, o.status, o.total_cents, o.currency_code, o.version, o.create_time_us, o.update_time_us, e)
                     for o, e in orders
@@ -436,10 +470,10 @@ class Repository:
                 for position, i in enumerate(order.items)
             ],
         )
-        events = self._append_events([(o.id, None, o.status) for o, _ in orders], orders[0][0].create_time_us)
+        events = self._append_events([(o.id, None, o.status, o.create_time_us) for o, _ in orders])
         return [(encoded, event) for (_, encoded), event in zip(orders, events, strict=True)]
 
-    def _create_under_used_request_id(self, draft: _Draft) -> Created:
+    def _create_under_used_request_id(self, draft: _Draft) -> Written:
         """Create for a request whose request id is taken (by an earlier order, or an earlier request of the
         same batch): a retry of that request gets its order and no event, an expired key is taken over by
         the draft, and another request gets AlreadyExists."""
@@ -457,56 +491,77 @@ class Repository:
             )
         return self.get_order(stored_order_id), None
 
-    def change_status(
-        self, order_id: str, target: Status, expected_version: int | None
-    ) -> tuple[bytes, StatusEvent | None]:
+    def change_status(self, order_id: str, target: Status, expected_version: int | None) -> Written:
         """Apply a status change with its event in one transaction: the order (encoded) and the event; the
         same status is a no-op (the order as it is, no event)."""
-        with self.write_transaction():
-            stored_status, version, update_time_us, encoded = self._order_row(order_id)
-            status = _STATUSES[stored_status]
-            if expected_version is not None and expected_version != version:
-                raise Aborted(
-                    f"order {order_id} is at version {version}, not the expected {expected_version}; "
-                    "read it again and retry"
-                )
-            if not domain.is_change(status, target):
-                return encoded, None
-            now = max(now_us(), update_time_us + 1)  # update_time strictly increases
-            changed = wire.with_status(encoded, target, version + 1, now)
-            updated = self.database.execute_sql(
-                self._change_status_sql, (target, version + 1, now, changed, order_id, version)
-            ).rowcount
-            if updated != 1:
-                raise Aborted(f"order {order_id} changed concurrently; read it again and retry")
-            return changed, self._append_events([(order_id, status, target)], now)[0]
+        return single(self.change_statuses, (order_id, target, expected_version))
 
-    def _append_events(self, changes: list[tuple[str, Status | None, Status]], now: int) -> list[StatusEvent]:
-        """Append one event per (order id, previous status, status) of ``changes``, at most one per order."""
-        sequences = dict(self._insert_rows("status_event", [(*change, now) for change in changes]))
+    def change_statuses(self, requests: Sequence[tuple[str, Status, int | None]]) -> list[Written | OrderError]:
+        """Apply status changes as :meth:`change_status` does, all in one transaction and one statement per
+        table: for each (order id, target, expected version), in order, what :meth:`change_status` returns
+        or the OrderError it raises. A refused change writes nothing; changes of one order apply in turn."""
+        with self.write_transaction():
+            now = now_us()
+            rows = self._order_rows(list({order_id: None for order_id, _, _ in requests}))
+            stored_versions = {order_id: row[1] for order_id, row in rows.items()}
+            decided: list[tuple[bytes, bool] | OrderError] = []  # the order as changed, and whether it has an event
+            events: list[tuple[str, Status | None, Status, int]] = []  # (order id, previous, status, time)
+            for order_id, target, expected_version in requests:
+                try:
+                    event, rows[order_id] = _changed(order_id, rows.get(order_id), target, expected_version, now)
+                except OrderError as exc:
+                    decided.append(exc)
+                    continue
+                decided.append((rows[order_id][3], event is not None))
+                if event is not None:
+                    events.append(event)
+            if events:
+                changed = [
+                    (*row, order_id, stored_versions[order_id])
+                    for order_id, row in rows.items()
+                    if row[1] != stored_versions[order_id]
+                ]
+                if self._execute_many(self._change_status_sql, changed) != len(changed):
+                    raise Aborted("an order changed concurrently; read it again and retry")
+            appended = iter(self._append_events(events) if events else ())
+            return [d if isinstance(d, OrderError) else (d[0], next(appended) if d[1] else None) for d in decided]
+
+    def _append_events(self, events: list[tuple[str, Status | None, Status, int]]) -> list[StatusEvent]:
+        """Append (order id, previous status, status, time) events; what was appended, in the same order.
+
+        An order reaches each status at most once (the state machine has no cycles), so the returned rows
+        are matched to the events by (order id, status)."""
+        sequences = {
+            (order_id, status): sequence
+            for order_id, status, sequence in self._run_for_rows("insert status_event", events)
+        }
         self._events_appended = True  # PostgreSQL: the transaction notifies before it commits
         if self.retention_events:
             self._prune(max(sequences.values()))
         return [
-            StatusEvent(sequences[order_id], order_id, previous, status, now) for order_id, previous, status in changes
+            StatusEvent(sequences[order_id, status], order_id, previous, status, time_us)
+            for order_id, previous, status, time_us in events
         ]
 
-    def _insert_rows(self, table: str, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-        """Insert ``rows`` into ``table`` (see ``_multi_row_inserts``), ROWS_PER_STATEMENT at most per
-        statement: the rows their RETURNING gives, in no particular order."""
+    def _run_for_rows(self, statement: str, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """Run a statement of ``_statements_for_rows`` for ``rows`` (each row's parameters), on at most
+        ROWS_PER_STATEMENT rows at a time: the rows it gives, in no particular order."""
         returned: list[tuple[Any, ...]] = []
         for start in range(0, len(rows), ROWS_PER_STATEMENT):
             chunk = rows[start : start + ROWS_PER_STATEMENT]
-            statement = (table, len(chunk))
-            if statement not in self._multi_row_sqls:
-                self._multi_row_sqls[statement] = self._multi_row_inserts[table](len(chunk)).sql()[0]
-            cursor = self.database.execute_sql(self._multi_row_sqls[statement], [v for row in chunk for v in row])
+            key = (statement, len(chunk))
+            if key not in self._rows_sqls:
+                self._rows_sqls[key] = self._statements_for_rows[statement](len(chunk)).sql()[0]
+            cursor = self.database.execute_sql(self._rows_sqls[key], [value for row in chunk for value in row])
             returned += cursor.fetchall()
         return returned
 
-    def _execute_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+    def _execute_many(self, sql: str, rows: list[tuple[Any, ...]]) -> int:
+        """Run ``sql`` once per row of parameters; the number of rows changed in all."""
         with peewee.__exception_wrapper__:  # peewee's exception types, as execute_sql raises them
-            self.database.cursor().executemany(sql, rows)
+            cursor = self.database.cursor()
+            cursor.executemany(sql, rows)
+            return cursor.rowcount
 
     def _prune(self, head: int) -> None:
         """Delete events older than the newest ``retention_events``, in the appending transaction.
@@ -534,7 +589,11 @@ class Repository:
         """The order with this id, encoded (see :attr:`OrderRow.encoded`), or NotFound."""
         return self._order_row(order_id)[3]
 
-    def _order_row(self, order_id: str) -> tuple[int, int, int, bytes]:
+    def _order_rows(self, order_ids: list[str]) -> dict[str, OrderState]:
+        """The stored state of each of these orders that exists, by id."""
+        return {order_id: state for order_id, *state in self._run_for_rows("select order", [(i,) for i in order_ids])}
+
+    def _order_row(self, order_id: str) -> OrderState:
         """(status, version, update_time_us, encoded) of the order with this id, or NotFound."""
         row = self.database.execute_sql(self._order_by_id_sql, (order_id,)).fetchone()
         if row is None:

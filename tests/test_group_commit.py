@@ -2,8 +2,9 @@
 
 The writer first runs a batch without savepoints and, should a write fail, rolls the batch back and runs
 it again with a savepoint per write. Creates queued together run as one ``Repository.create_orders``
-call (``Storage.write_together``). These tests hold the writer on a gate so that the writes behind it
-queue up and run as one batch, with a write among them that fails after writing part of its work.
+call, status changes as one ``Repository.change_statuses`` call (``Storage.write_together``). These
+tests hold the writer on a gate so that the writes behind it queue up and run as one batch, with a
+write among them that fails after writing part of its work.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from orders._proto.orders.v1 import Order
-from orders.domain import IDEMPOTENCY_WINDOW_US, NewItem, NewOrder
-from orders.errors import AlreadyExists
+from orders.domain import IDEMPOTENCY_WINDOW_US, NewItem, NewOrder, Status
+from orders.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
 from orders.storage_threads import Storage
 
 NEW = NewOrder((NewItem("widget", 2, 1999),), 3998, "USD")
@@ -169,3 +170,47 @@ async def test_an_expired_request_id_creates_a_new_order(storage: Storage) -> No
     assert await stored_order_ids(storage) == {Order.parse(old).id, Order.parse(new[0]).id}
     with pytest.raises(AlreadyExists):  # the key is the new order's now, for the window
         await storage.write(repository.create_order, NEW, "reused")
+
+
+async def test_status_changes_queued_together_run_as_one_call_and_apply_in_turn(storage: Storage) -> None:
+    repository = storage.repository
+    (x, _), (y, _), (z, _) = [await storage.write(repository.create_order, NEW, None) for _ in range(3)]
+    x_id, y_id, z_id = (Order.parse(encoded).id for encoded in (x, y, z))
+    calls: list[int] = []
+
+    def change_statuses(requests: list) -> list:
+        calls.append(len(requests))
+        return repository.change_statuses(requests)
+
+    requests = [
+        (x_id, Status.CONFIRMED, 1),
+        (x_id, Status.SHIPPED, 2),  # sees the change before it
+        (x_id, Status.DELIVERED, 2),  # stale: x is at version 3 by now
+        (y_id, Status.DELIVERED, None),  # not allowed from PENDING
+        ("00000000-0000-4000-8000-000000000000", Status.CONFIRMED, None),
+        (x_id, Status.SHIPPED, None),  # the same status: the order as it is, no event
+        (z_id, Status.CANCELLED, None),
+    ]
+    changes = [storage.write_together(change_statuses, request) for request in requests]
+
+    confirmed, shipped, stale, forbidden, unknown, again, cancelled = await run_as_one_batch(storage, changes)
+
+    assert calls == [7]
+    assert isinstance(stale, Aborted) and "version 3" in str(stale)
+    assert isinstance(forbidden, FailedPrecondition) and "PENDING to DELIVERED" in str(forbidden)
+    assert isinstance(unknown, NotFound)
+    assert again == (shipped[0], None)
+    events = [confirmed[1], shipped[1], cancelled[1]]
+    assert [(e.order_id, e.previous, e.status) for e in events] == [
+        (x_id, Status.PENDING, Status.CONFIRMED),
+        (x_id, Status.CONFIRMED, Status.SHIPPED),
+        (z_id, Status.PENDING, Status.CANCELLED),
+    ]
+    assert [e.sequence for e in events] == [events[0].sequence + i for i in range(3)]
+    assert [(Order.parse(o[0]).status, Order.parse(o[0]).version) for o in (confirmed, shipped, cancelled)] == [
+        (Status.CONFIRMED, 2),
+        (Status.SHIPPED, 3),
+        (Status.CANCELLED, 2),
+    ]
+    stored = [await storage.read(repository.get_order, order_id) for order_id in (x_id, y_id, z_id)]
+    assert stored == [shipped[0], y, cancelled[0]]
