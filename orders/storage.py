@@ -238,13 +238,9 @@ def _changed(
         )
     if not domain.is_change(status, target):
         return None, state
-    time_us = max(now, update_time_us + 1)  # update_time strictly increases
-    return (order_id, status, target, time_us), (
-        target,
-        version + 1,
-        time_us,
-        wire.with_status(encoded, target, version + 1, time_us),
-    )
+    version, time_us = version + 1, max(now, update_time_us + 1)  # update_time strictly increases
+    changed = (target, version, time_us, wire.with_status(encoded, target, version, time_us))
+    return (order_id, status, target, time_us), changed
 
 
 class _Draft(NamedTuple):
@@ -257,6 +253,7 @@ class _Draft(NamedTuple):
 
     @classmethod
     def of(cls, new: NewOrder, request_id: str | None, now: int) -> _Draft:
+        """The draft of ``new`` created at ``now``."""
         items = tuple(Item(domain.new_id(), i.product_name, i.quantity, i.price_cents) for i in new.items)
         order = Order(domain.new_id(), items, new.total_cents, new.currency_code, Status.PENDING, 1, now, now)
         return cls(order, wire.encode_order(order), request_id, new.fingerprint() if request_id is not None else "")
