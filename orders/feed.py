@@ -201,8 +201,16 @@ class Feed(Generic[T]):
         self._tailer = asyncio.create_task(self._tail(), name="orders-feed-tailer")
         self._heartbeats = asyncio.create_task(self._beat(), name="orders-feed-heartbeats")
 
-    def notify(self) -> None:
-        """Tell the tailer that new events were committed."""
+    def notify(self, sequence: int | None = None) -> None:
+        """Tell the tailer that new events were committed, up to ``sequence`` if known.
+
+        With no stream open there is nothing to publish, so a known ``sequence`` just becomes the head,
+        without a read of the log (a stream opened later reads the log's bounds itself and catches up
+        from there): a server nobody watches spends nothing on its writes' events.
+        """
+        if sequence is not None and not self._watchers:
+            self.head = max(self.head, sequence)
+            return
         self._new_events.set()
 
     async def close(self) -> None:

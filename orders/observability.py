@@ -10,7 +10,8 @@
   - ``orders_calls_total{method,code}``: finished calls by full method path and gRPC status name;
   - ``orders_call_duration_seconds{method}``: call latency (for a stream, how long it was open);
   - ``orders_active_watchers``: open OrderStatusStream calls, read at scrape time;
-  - ``orders_event_log_head``: the newest event-log sequence this server has published.
+  - ``orders_event_log_head``: the newest event-log sequence this server has published (or, while no
+    stream is open, written).
 """
 
 from __future__ import annotations
@@ -160,7 +161,9 @@ class Metrics:
         watchers = Gauge("orders_active_watchers", "Open OrderStatusStream calls.", registry=self.registry)
         watchers.set_function(lambda: feed.watcher_count)
         head = Gauge(
-            "orders_event_log_head", "Newest status-event sequence this server has published.", registry=self.registry
+            "orders_event_log_head",
+            "Newest status-event sequence this server has published (or, with no stream open, written).",
+            registry=self.registry,
         )
         head.set_function(lambda: feed.head)
         for method in self._methods:  # every series exists from the start, so rate() sees the first call

@@ -57,7 +57,7 @@ class OrderService(OrderServiceBase):
         request_id = domain.parse_request_id(message.request_id)
         order, event = await self._storage.write_together(self._repository.create_orders, (new, request_id))
         if event is not None:
-            self._feed.notify()
+            self._feed.notify(event.sequence)
         return wire.order_reply(order)
 
     async def get_order(self, message: wire.Request) -> wire.Reply:  # type: ignore[override]
@@ -77,7 +77,7 @@ class OrderService(OrderServiceBase):
         change = (order_id, target, expected)
         order, event = await self._storage.write_together(self._repository.change_statuses, change)
         if event is not None:
-            self._feed.notify()
+            self._feed.notify(event.sequence)
         return wire.order_reply(order)
 
     async def list_orders(self, message: wire.Request) -> wire.Reply:  # type: ignore[override]

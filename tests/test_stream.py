@@ -696,7 +696,7 @@ class InMemoryLog:
 
     def __init__(self) -> None:
         self.events: list[StatusEvent] = []
-        self.reading = self.most_reading = self.renders = 0
+        self.reads = self.reading = self.most_reading = self.renders = 0
 
     def append(self, count: int) -> None:
         for _ in range(count):
@@ -704,6 +704,7 @@ class InMemoryLog:
             self.events.append(StatusEvent(sequence, str(uuid.uuid4()), None, domain.Status.PENDING, sequence))
 
     async def read(self, after: int, order_ids: object, limit: int) -> list[StatusEvent]:
+        self.reads += 1
         self.reading += 1
         self.most_reading = max(self.most_reading, self.reading)
         await asyncio.sleep(0.001)
@@ -721,9 +722,9 @@ class InMemoryLog:
         return Feed(self.read, self.bounds, self.render, lambda head: -head, page_size=50)
 
 
-async def _replay(feed: Feed[int], through: int) -> list[int]:
+async def _replay(feed: Feed[int], through: int, after_sequence: int | None = 0) -> list[int]:
     got: list[int] = []
-    async with contextlib.aclosing(feed.watch(WatchQuery(frozenset(), 0, 0))) as batches:
+    async with contextlib.aclosing(feed.watch(WatchQuery(frozenset(), after_sequence, 0))) as batches:
         async for batch in batches:
             got += batch
             if got[-1] >= through:
@@ -763,6 +764,28 @@ async def test_streams_catching_up_reuse_what_the_tailer_rendered() -> None:
         await feed.close()
     assert all(replay == list(range(1, 301)) for replay in replays)
     assert log.renders == renders == 300
+
+
+@pytest.mark.database_free  # the Feed alone, over an in-memory log
+async def test_a_feed_nobody_watches_moves_its_head_without_reading_the_log() -> None:
+    log = InMemoryLog()
+    feed = log.feed()
+    await feed.start()
+    try:
+        log.append(3)
+        feed.notify(3)
+        await asyncio.sleep(0.1)  # time enough for a woken tailer to read
+        assert (feed.head, log.reads) == (3, 0)
+        live = asyncio.ensure_future(_replay(feed, 5, after_sequence=None))
+        replay = asyncio.ensure_future(_replay(feed, 5))
+        await eventually(lambda: feed.watcher_count == 2, "both watchers to register")
+        log.append(2)
+        feed.notify(5)
+        assert await asyncio.wait_for(live, 5) == [4, 5]
+        assert await asyncio.wait_for(replay, 5) == [1, 2, 3, 4, 5]
+        assert feed.head == 5
+    finally:
+        await feed.close()
 
 
 @pytest.mark.parametrize("after_sequence", [None, 0])
