@@ -9,7 +9,7 @@ import datetime
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from grpclib.client import Channel
@@ -718,8 +718,15 @@ class InMemoryLog:
         self.renders += 1
         return event.sequence
 
-    def feed(self) -> Feed[int]:
-        return Feed(self.read, self.bounds, self.render, lambda head: -head, page_size=50)
+    @contextlib.asynccontextmanager
+    async def started_feed(self) -> AsyncIterator[Feed[int]]:
+        """A started Feed over this log, closed on the way out."""
+        feed = Feed(self.read, self.bounds, self.render, lambda head: -head, page_size=50)
+        await feed.start()
+        try:
+            yield feed
+        finally:
+            await feed.close()
 
 
 async def _replay(feed: Feed[int], through: int, after_sequence: int | None = 0) -> list[int]:
@@ -737,12 +744,8 @@ async def test_streams_catching_up_read_the_log_a_few_at_a_time() -> None:
     """A thousand streams that fell behind must not each hold a page of the log at once (memory)."""
     log = InMemoryLog()
     log.append(500)
-    feed = log.feed()
-    await feed.start()
-    try:
+    async with log.started_feed() as feed:
         replays = await asyncio.wait_for(asyncio.gather(*(_replay(feed, 500) for _ in range(100))), 30)
-    finally:
-        await feed.close()
     assert all(replay == list(range(1, 501)) for replay in replays)
     assert 1 < log.most_reading <= MAX_CATCHING_UP
 
@@ -750,9 +753,7 @@ async def test_streams_catching_up_read_the_log_a_few_at_a_time() -> None:
 @pytest.mark.database_free  # the Feed alone, over an in-memory log
 async def test_streams_catching_up_reuse_what_the_tailer_rendered() -> None:
     log = InMemoryLog()
-    feed = log.feed()
-    await feed.start()
-    try:
+    async with log.started_feed() as feed:
         live = asyncio.ensure_future(_replay(feed, 300))  # a watcher, so the tailer renders what it publishes
         await eventually(lambda: feed.watcher_count == 1, "the first watcher to register")
         log.append(300)
@@ -760,8 +761,6 @@ async def test_streams_catching_up_reuse_what_the_tailer_rendered() -> None:
         assert await asyncio.wait_for(live, 10) == list(range(1, 301))
         renders = log.renders
         replays = await asyncio.wait_for(asyncio.gather(*(_replay(feed, 300) for _ in range(20))), 10)
-    finally:
-        await feed.close()
     assert all(replay == list(range(1, 301)) for replay in replays)
     assert log.renders == renders == 300
 
@@ -769,9 +768,7 @@ async def test_streams_catching_up_reuse_what_the_tailer_rendered() -> None:
 @pytest.mark.database_free  # the Feed alone, over an in-memory log
 async def test_a_feed_nobody_watches_moves_its_head_without_reading_the_log() -> None:
     log = InMemoryLog()
-    feed = log.feed()
-    await feed.start()
-    try:
+    async with log.started_feed() as feed:
         log.append(3)
         feed.notify(3)
         await asyncio.sleep(0.1)  # time enough for a woken tailer to read
@@ -784,8 +781,6 @@ async def test_a_feed_nobody_watches_moves_its_head_without_reading_the_log() ->
         assert await asyncio.wait_for(live, 5) == [4, 5]
         assert await asyncio.wait_for(replay, 5) == [1, 2, 3, 4, 5]
         assert feed.head == 5
-    finally:
-        await feed.close()
 
 
 @pytest.mark.parametrize("after_sequence", [None, 0])
