@@ -276,6 +276,9 @@ def test_a_negative_retention_is_refused_with_a_clear_message():
 # --- streams that fall past the retained log -----------------------------------------------------
 
 
+UPDATES_PAST_A_64_KIB_WINDOW = 1500  # a framed StatusUpdate is about 60 bytes
+
+
 async def test_a_slow_watcher_that_falls_past_the_retained_log_ends_with_out_of_range_not_a_gap(caplog):
     retained = 200  # far more than the tailer ever lags here: the watcher's own lag is what is tested
     async with retaining(retained) as (server, stub):
@@ -285,7 +288,9 @@ async def test_a_slow_watcher_that_falls_past_the_retained_log_ends_with_out_of_
         start_head = (await bounds(server))[1]
 
         # The smallest HTTP/2 windows: a client that does not read stalls the server's generator after
-        # ~64 KiB, then the feed queue (capacity 4) overflows and the watcher has to catch up later.
+        # ~64 KiB (about a thousand updates), then the feed queue (capacity 4) overflows and the watcher
+        # has to catch up later. Writing until the window must be full, not just until the watcher first
+        # lags, keeps it from catching up (from a busy machine's slow writes) before the log is pruned.
         config = Configuration(http2_connection_window_size=2**16 - 1, http2_stream_window_size=2**16 - 1)
         channel = Channel("127.0.0.1", server.port, config=config)
         received: list[StatusUpdate] = []
@@ -298,7 +303,7 @@ async def test_a_slow_watcher_that_falls_past_the_retained_log_ends_with_out_of_
                 [watcher] = server.feed._watchers
                 rounds = 0
                 with caplog.at_level(logging.WARNING, logger="orders.feed"):
-                    while not watcher.lagged:
+                    while not watcher.lagged or rounds * 100 < UPDATES_PAST_A_64_KIB_WINDOW:
                         rounds += 1
                         assert rounds <= 40, "the watcher never fell behind"
                         orders = await asyncio.gather(*(create(stub, f"burst {rounds}.{i}") for i in range(50)))
