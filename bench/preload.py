@@ -5,9 +5,9 @@ rows are then written in large transactions over a plain DB-API connection (:mod
 ``executemany`` on SQLite with ``synchronous=OFF`` and an in-memory rollback journal, ``COPY`` on
 PostgreSQL with ``synchronous_commit=off``; safe only because nothing else uses the database yet, and a
 crash just means loading again). Each order gets 1–3 items, its encoded form and its creation event
-(UNSPECIFIED → PENDING), exactly as CreateOrder would write them: ids are version-4 UUIDs in canonical
-form, order keys and event sequences continue after whatever the database holds, and creation times
-strictly increase with the key. Afterwards a SQLite file is back in WAL mode, checkpointed, and
+(UNSPECIFIED → PENDING), exactly as CreateOrder would write them: ids are version-7 UUIDs of the
+creation time, order keys and event sequences continue after whatever the database holds, and creation
+times strictly increase with the key. Afterwards a SQLite file is back in WAL mode, checkpointed, and
 PostgreSQL's BIGSERIAL sequences are moved past the explicit keys, so the server's own inserts continue
 after them.
 """
@@ -17,11 +17,11 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from bench.db import HEAD_SQL, Row, connect, migrate
-from orders.domain import Item, Order, Status, uuid4_from_bytes
+from orders.domain import Item, Order, Status, uuid7
 from orders.wire import encode_order
 
 _PRODUCTS = ("Laptop", "Mouse", "Keyboard", "Monitor 27in", "USB-C cable", "Desk lamp", "Headphones", "Webcam")
@@ -32,13 +32,14 @@ ITEM_COLUMNS = ("order_key", "position", "id", "product_name", "quantity", "pric
 EVENT_COLUMNS = ("sequence", "order_id", "previous", "status", "time_us")
 
 
-def new_uuids(count: int, rng: random.Random | None = None) -> list[str]:
-    """``count`` version-4 UUIDs in canonical lower-case form, as the server makes them.
+def new_ids(times_us: Sequence[int], rng: random.Random | None = None) -> list[str]:
+    """Ids made at ``times_us`` (µs since the Unix epoch), as the server makes them: version-7 UUIDs in
+    canonical lower-case form (see :func:`orders.domain.new_id`).
 
-    Random from ``os.urandom``, or from ``rng`` for a repeatable sequence.
+    Their random bits come from ``os.urandom``, or from ``rng`` for a repeatable sequence.
     """
-    data = rng.randbytes(16 * count) if rng is not None else os.urandom(16 * count)
-    return [uuid4_from_bytes(data[start : start + 16]) for start in range(0, 16 * count, 16)]
+    data = rng.randbytes(10 * len(times_us)) if rng is not None else os.urandom(10 * len(times_us))
+    return [uuid7(at // 1000, data[10 * n : 10 * n + 10]) for n, at in enumerate(times_us)]
 
 
 @dataclass
@@ -61,14 +62,15 @@ class _Layout:
 
     def batch(self, start: int, count: int, rng: random.Random | None) -> Batch:
         """The rows of orders ``start`` .. ``start + count - 1``."""
-        order_ids = new_uuids(count, rng)
+        times = [self.base_time + start + i for i in range(count)]
+        order_ids = new_ids(times, rng)
         item_counts = [1 + (start + i) % 3 for i in range(count)]
-        item_ids = iter(new_uuids(sum(item_counts), rng))
+        item_ids = iter(new_ids([at for at, items in zip(times, item_counts, strict=True) for _ in range(items)], rng))
         rows = Batch([], [], [])
         for i in range(count):
             number = start + i
             key = self.first_key + number
-            at = self.base_time + number
+            at = times[i]
             items = []
             for position in range(item_counts[i]):
                 quantity = 1 + (number + position) % 5
@@ -113,7 +115,7 @@ def preload(
 
     ``url`` is a server ``--db`` URL (``sqlite:///…`` or ``postgresql://…``); the schema is created if
     missing. ``sample``: how many of the new ids to return, evenly spread over them (all if fewer).
-    ``seed``: make the ids repeatable (the same seed writes the same ids into every database).
+    ``seed``: make the ids' random bits repeatable.
     ``progress(done, total)`` is called after each committed batch.
     """
     began = time.perf_counter()

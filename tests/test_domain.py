@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import time
 import uuid
 
 import pytest
@@ -360,12 +361,21 @@ def test_parse_order_id() -> None:
     assert len(info.value.message) < 200  # echoes a bounded prefix only
 
 
-def test_new_ids_are_distinct_canonical_uuid4s() -> None:
-    ids = {domain.new_id() for _ in range(1000)}
-    assert len(ids) == 1000
+def test_new_ids_are_distinct_canonical_uuid7s_of_the_current_time() -> None:
+    before = time.time_ns() // 1_000_000
+    ids = [domain.new_id() for _ in range(1000)]
+    after = time.time_ns() // 1_000_000
+    assert len(set(ids)) == 1000
     for value in ids:
         parsed = uuid.UUID(value)
-        assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, value)
+        assert (parsed.version, parsed.variant, str(parsed)) == (7, uuid.RFC_4122, value)
+        assert before <= parsed.int >> 80 <= after  # the Unix time in milliseconds comes first
+    assert ids == sorted(ids, key=lambda value: value[:13])  # so ids sort by creation time, to the millisecond
+
+
+def test_uuid7_lays_out_time_version_and_random_bits() -> None:
+    value = domain.uuid7(0x0123456789AB, bytes(range(0xF0, 0xFA)))
+    assert value == "01234567-89ab-70f1-b2f3-f4f5f6f7f8f9"  # version nibble 7, variant bits 10
 
 
 @pytest.mark.parametrize("value", [0, 6, 99, -1])

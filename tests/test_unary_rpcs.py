@@ -117,11 +117,17 @@ async def fails(call: Awaitable[object], status: Status, *fragments: str) -> GRP
     return error
 
 
-def is_uuid4(value: str) -> bool:
+def is_server_id(value: str) -> bool:
+    """A server-assigned id: a version-7 UUID in canonical form."""
     try:
-        return uuid.UUID(value).version == 4 and str(uuid.UUID(value)) == value
+        return uuid.UUID(value).version == 7 and str(uuid.UUID(value)) == value
     except ValueError:
         return False
+
+
+def id_time(value: str) -> datetime.datetime:
+    """The creation time a version-7 UUID carries (whole milliseconds)."""
+    return datetime.datetime.fromtimestamp((uuid.UUID(value).int >> 80) / 1000, datetime.timezone.utc)
 
 
 # --- CreateOrder: rejected requests ------------------------------------------------------------
@@ -186,10 +192,10 @@ async def test_create_assigns_ids_and_returns_items_in_request_order(stub: Order
     order = await create(stub, items, item_ids=client_ids)
     after = datetime.datetime.now(datetime.timezone.utc)
 
-    assert is_uuid4(order.id)
+    assert is_server_id(order.id)
     assert [(i.product_name, i.quantity, i.price) for i in order.items] == items
     item_ids = [i.id for i in order.items]
-    assert all(is_uuid4(i) for i in item_ids)
+    assert all(is_server_id(i) for i in item_ids)
     assert len(set(item_ids)) == len(items)
     assert not set(item_ids) & set(client_ids)  # client-supplied ids are ignored (output only)
     assert order.id not in item_ids
@@ -199,6 +205,7 @@ async def test_create_assigns_ids_and_returns_items_in_request_order(stub: Order
     assert order.total_amount == 1000 + 50 + 14.97 + 50
     assert order.create_time is not None and order.create_time == order.update_time
     assert before - datetime.timedelta(seconds=1) <= order.create_time <= after + datetime.timedelta(seconds=1)
+    assert abs(id_time(order.id) - order.create_time) < datetime.timedelta(milliseconds=50)  # made at creation
 
 
 async def test_every_create_gets_a_fresh_id(stub: OrderServiceStub) -> None:
@@ -581,7 +588,7 @@ async def test_unknown_fields_are_ignored_so_a_client_order_id_is_too(raw: RawCa
     payload = _string(1, item) + _string(15, b"my-own-order-id") + _string(9, str(uuid.uuid4()).encode())
     reply = await raw("CreateOrder", payload)
     (order,) = await all_orders(stub)
-    assert is_uuid4(order.id)
+    assert is_server_id(order.id)
     assert order.id.encode() in reply
     assert b"my-own-order-id" not in reply
     assert [(i.product_name, i.quantity, i.price) for i in order.items] == [("Widget", 1, 0.0)]
