@@ -9,7 +9,7 @@ import os
 import platform
 import sqlite3
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,15 +103,10 @@ def rounded(summary: Mapping[str, float | int]) -> dict[str, float | int | None]
     return {k: v if k == "count" else _ms(v) for k, v in summary.items()}
 
 
-def unary_report(
-    result: LoadResult, usage: ServerUsage | None, baseline: Mapping[str, Any] | None = None
-) -> dict[str, Any]:
-    """The JSON form of one unary scenario's measurements; ``baseline``: the baseline's, for the ratios.
+def unary_report(result: LoadResult, usage: ServerUsage | None) -> dict[str, Any]:
+    """The JSON form of one unary scenario's (or the baseline's) measurements; see :func:`add_ratios`.
 
-    Besides RPS, it gives the server's CPU time per (timed) call. On a machine shared with other work
-    RPS swings with everyone else's load, while CPU per call moves much less, so the CPU ratio
-    (baseline CPU per call / this scenario's) is a steadier cross-check of the RPS ratio: it is the
-    share of the ceiling the server would reach if both were bound by the same single core.
+    Besides RPS, it gives the server's CPU time per (timed) call.
     """
     total = result.total
     rps = total.count / result.window if result.window else 0.0
@@ -140,13 +135,39 @@ def unary_report(
     if usage is not None:
         report["server"] = usage.as_dict()
         report["server"]["cpu_ms_per_call"] = round(1000 * usage.cpu_seconds / total.count, 4) if total.count else None
-    if baseline and baseline.get("rps"):
-        report["ratio_to_baseline"] = round(rps / baseline["rps"], 3)
-        base_cpu = (baseline.get("server") or {}).get("cpu_ms_per_call")
-        own_cpu = (report.get("server") or {}).get("cpu_ms_per_call")
-        if base_cpu and own_cpu:
-            report["cpu_ratio_to_baseline"] = round(base_cpu / own_cpu, 3)
     return report
+
+
+def add_ratios(scenario: dict[str, Any], baselines: Sequence[Mapping[str, Any]]) -> None:
+    """Add a unary scenario's ratios to the baseline: to the mean of ``baselines`` (those measured just
+    before and just after it) that did not fail.
+
+    ``ratio_to_baseline`` is RPS over the baseline's. On a machine shared with other work RPS swings
+    with everyone else's load, while CPU per call moves much less, so ``cpu_ratio_to_baseline``
+    (baseline CPU per call / this scenario's) is a steadier cross-check: the share of the ceiling the
+    server would reach if both were bound by the same single core.
+    """
+    measured = [b for b in baselines if b.get("rps")]
+    if not measured:
+        return
+    scenario["baseline_rps"] = round(sum(b["rps"] for b in measured) / len(measured), 1)
+    scenario["ratio_to_baseline"] = round(scenario["rps"] / scenario["baseline_rps"], 3)
+    base_cpus = [b["server"]["cpu_ms_per_call"] for b in measured if (b.get("server") or {}).get("cpu_ms_per_call")]
+    own_cpu = (scenario.get("server") or {}).get("cpu_ms_per_call")
+    if base_cpus and own_cpu:
+        scenario["cpu_ratio_to_baseline"] = round(sum(base_cpus) / len(base_cpus) / own_cpu, 3)
+
+
+def baseline_summary(baseline: Mapping[str, Any]) -> dict[str, Any]:
+    """One baseline measurement in brief: RPS, p50 and server CPU per call (or its error)."""
+    if "error" in baseline:
+        return {"error": baseline["error"]}
+    server = baseline.get("server") or {}
+    return {
+        "rps": baseline["rps"],
+        "p50_ms": baseline["latency_ms"].get("p50_ms"),
+        "cpu_ms_per_call": server.get("cpu_ms_per_call"),
+    }
 
 
 @dataclass
@@ -246,6 +267,19 @@ def _database(report: Mapping[str, Any]) -> str:
     return f"{database['name']} {database['version'].split()[0]}, {workers} worker{'s' if workers != 1 else ''}"
 
 
+def _baselines_line(baselines: Sequence[Mapping[str, Any]]) -> str:
+    """How often the baseline was measured, and its RPS range (the row above is its first run)."""
+    rps = [b["rps"] for b in baselines if b.get("rps")]
+    if len(baselines) < 2 or not rps:
+        return f"{'':<10} measured once, before the scenarios: every ratio is to it"
+    failed = len(baselines) - len(rps)
+    return (
+        f"{'':<10} measured {len(baselines)} times, before the first scenario and after each unary one "
+        f"({min(rps):,.0f}-{max(rps):,.0f} RPS{f', {failed} failed' if failed else ''}); "
+        "each ratio is to the mean of the two around it"
+    )
+
+
 def table(report: Mapping[str, Any]) -> str:
     """The short human summary: one line per scenario, then the targets."""
     lines = []
@@ -297,6 +331,8 @@ def table(report: Mapping[str, Any]) -> str:
         )
         if s["errors"]:
             lines.append(f"{'':<10} errors: {', '.join(f'{k} x{v}' for k, v in s['error_codes'].items())}")
+        if name == "baseline":
+            lines.append(_baselines_line(report.get("baselines") or []))
     scale = report.get("scale")
     if scale:
         if "error" in scale:

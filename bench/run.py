@@ -2,8 +2,11 @@
 
 Each scenario gets a fresh orders server (``python -m orders.server``) on a fresh database with the
 same preload (a SQLite file, or with ``--db-server`` a new database on that PostgreSQL server, dropped
-afterwards), so scenarios do not inherit each other's rows, caches or memory; the baseline server
-(``python -m bench.baseline``) is driven first by the same load generator with the same concurrency.
+afterwards), so scenarios do not inherit each other's rows, caches or memory. The baseline server
+(``python -m bench.baseline``) is driven by the same load generator with the same concurrency first and
+again after each unary scenario, whose ratios are to the mean of the two baselines around it: the
+machine's speed drifts over minutes, so a baseline measured once at the start would be compared with
+windows measured under other conditions.
 Server memory and CPU are sampled from /proc while each scenario runs.
 """
 
@@ -97,6 +100,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--tmp-dir", type=Path, default=None, help="where databases and logs go (default: a fresh temp dir)")
     add("--keep", action="store_true", help="keep the temp dir (databases, server logs) afterwards")
     add("--seed", type=int, default=1, help="random seed of the callers")
+    add(
+        "--baseline-once",
+        action="store_true",
+        help="measure the baseline only before the first scenario, not again after each unary one (faster; "
+        "ratios then compare windows minutes apart on a machine whose speed drifts)",
+    )
     args = parser.parse_args(argv)
     args.scenario_list = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = [s for s in args.scenario_list if s not in ALL_SCENARIOS]
@@ -429,8 +438,8 @@ def _warm(_: int) -> int:
     return 0
 
 
-async def measure_scenario(ctx: Context, scenario: str, baseline: dict[str, Any]) -> dict[str, Any]:
-    """One scenario on a fresh preloaded database; its report, with the baseline ratios (unary ones)."""
+async def measure_scenario(ctx: Context, scenario: str) -> dict[str, Any]:
+    """One scenario on a fresh preloaded database; its report (without baseline ratios)."""
     with ctx.preloaded(scenario, ctx.args.orders) as preloaded:
         if scenario == "watch":
             measured = await measure_watch(ctx, preloaded)
@@ -438,8 +447,22 @@ async def measure_scenario(ctx: Context, scenario: str, baseline: dict[str, Any]
             data = data_for(preloaded, ctx.args)
             server_args = ctx.server_args(preloaded.url)
             load, usage = await measure_unary(ctx, scenario, "orders.server", server_args, data, scenario)
-            measured = report.unary_report(load, usage, baseline)
+            measured = report.unary_report(load, usage)
     return {**measured, "preload_seconds": round(preloaded.seconds, 2)}
+
+
+async def measure_baseline(ctx: Context, number: int) -> dict[str, Any]:
+    """The baseline service driven like a unary scenario: its report, or ``{"error": ...}``."""
+    empty = ScenarioData(order_ids=(), max_key=0)
+    try:
+        load, usage = await measure_unary(
+            ctx, "baseline", "bench.baseline", ["--host", HOST, "--port", "0"], empty, f"baseline-{number}"
+        )
+    except Exception as exc:  # report it and go on: the other scenarios may still tell something
+        error = _failure(exc, ctx.args)
+        ctx.log(f"baseline failed: {error}")
+        return {"error": error}
+    return report.unary_report(load, usage)
 
 
 async def run(args: argparse.Namespace, database: dict[str, Any]) -> dict[str, Any]:
@@ -473,33 +496,32 @@ async def run(args: argparse.Namespace, database: dict[str, Any]) -> dict[str, A
     }
     try:
         log("baseline ...")
-        empty = ScenarioData(order_ids=(), max_key=0)
-        try:
-            load, usage = await measure_unary(
-                ctx, "baseline", "bench.baseline", ["--host", HOST, "--port", "0"], empty, "baseline"
-            )
-            result["baseline"] = report.unary_report(load, usage)
-        except Exception as exc:  # report it and go on: the other scenarios may still tell something
-            result["baseline"] = {"error": _failure(exc, args)}
-            log(f"baseline failed: {result['baseline']['error']}")
-
+        baselines = [await measure_baseline(ctx, 0)]
+        result["baseline"] = baselines[0]
         result["scenarios"] = {}
         preload_seconds: list[float] = []
         for scenario in args.scenario_list:
             log(f"{scenario} ...")
             try:
-                result["scenarios"][scenario] = await measure_scenario(ctx, scenario, result["baseline"])
+                measured = await measure_scenario(ctx, scenario)
             except Exception as exc:
                 result["scenarios"][scenario] = {"error": _failure(exc, args)}
                 log(f"{scenario} failed: {result['scenarios'][scenario]['error']}")
                 continue
-            preload_seconds.append(result["scenarios"][scenario]["preload_seconds"])
-            status = result["scenarios"][scenario]["server"]["exit_status"]
+            if scenario != "watch":
+                if not args.baseline_once:
+                    log("baseline ...")
+                    baselines.append(await measure_baseline(ctx, len(baselines)))
+                report.add_ratios(measured, baselines[-2:])  # the baselines just before and just after it
+            result["scenarios"][scenario] = measured
+            preload_seconds.append(measured["preload_seconds"])
+            status = measured["server"]["exit_status"]
             if status != 0:
                 result["notes"].append(
                     f"{scenario}: the server exited with status {status} after SIGTERM"
                     + (" (killed: it had not stopped within 20 s)" if status == -9 else "")
                 )
+        result["baselines"] = [report.baseline_summary(baseline) for baseline in baselines]
         if preload_seconds:
             mean = sum(preload_seconds) / len(preload_seconds)
             result["preload"] = {"orders": args.orders, "databases": len(preload_seconds), "seconds": round(mean, 2)}
