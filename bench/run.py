@@ -512,7 +512,7 @@ async def run(args: argparse.Namespace, database: dict[str, Any]) -> dict[str, A
                 if not args.baseline_once:
                     log("baseline ...")
                     baselines.append(await measure_baseline(ctx, len(baselines)))
-                report.add_ratios(measured, baselines[-2:])  # the baselines just before and just after it
+                report.add_ratios(measured, baselines[-2:])  # the runs just before and after it (or the only one)
             result["scenarios"][scenario] = measured
             preload_seconds.append(measured["preload_seconds"])
             status = measured["server"]["exit_status"]
