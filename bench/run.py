@@ -1,14 +1,14 @@
 """The ``python -m bench`` command: start servers, drive every scenario, write the report.
 
-Each scenario gets a fresh orders server (``python -m orders.server``) on a fresh database with the
-same preload (a SQLite file, or with ``--db-server`` a new database on that PostgreSQL server, dropped
-afterwards), so scenarios do not inherit each other's rows, caches or memory. The baseline server
-(``python -m bench.baseline``) is driven by the same load generator with the same concurrency first and
-again after each unary scenario, whose ratios are to the mean of the two baselines around it: the
-machine's speed drifts over minutes, so a baseline measured once at the start would be compared with
-windows measured under other conditions.
-Server memory and CPU are sampled from /proc while each scenario runs.
-"""
+Each round of a scenario gets a fresh orders server (``python -m orders.server``) on a fresh database
+with the same preload (a SQLite file, or with ``--db-server`` a new database on that PostgreSQL server,
+dropped afterwards), so no round inherits another's rows, caches or memory. The baseline server
+(``python -m bench.baseline``) is driven by the same load generator with the same concurrency first, and
+again after each round of a unary scenario, whose ratios are to the mean of the two baseline runs
+around it: the machine's speed drifts over minutes, so a baseline measured once at the start would be
+compared with windows measured under other conditions. A unary scenario runs ``--rounds`` times, and
+the round with the median ratio stands for it. Server memory and CPU are sampled from /proc while each
+round runs."""
 
 from __future__ import annotations
 
@@ -101,9 +101,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--keep", action="store_true", help="keep the temp dir (databases, server logs) afterwards")
     add("--seed", type=int, default=1, help="random seed of the callers")
     add(
+        "--rounds",
+        type=int,
+        default=3,
+        help="measure each unary scenario this many times, alternating with the baseline, and report the round "
+        "with the median ratio (default: %(default)s)",
+    )
+    add(
         "--baseline-once",
         action="store_true",
-        help="measure the baseline only before the first scenario, not again after each unary one (faster; "
+        help="measure the baseline only before the first scenario, not again after each unary round (faster; "
         "ratios then compare windows minutes apart on a machine whose speed drifts)",
     )
     args = parser.parse_args(argv)
@@ -111,8 +118,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = [s for s in args.scenario_list if s not in ALL_SCENARIOS]
     if unknown:
         parser.error(f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(ALL_SCENARIOS)}")
-    if args.concurrency < 1 or args.duration <= 0 or args.warmup < 0 or args.channels < 1 or args.procs < 1:
-        parser.error("--concurrency, --channels and --procs must be >= 1, --duration > 0 and --warmup >= 0")
+    if min(args.concurrency, args.channels, args.procs, args.rounds) < 1 or args.duration <= 0 or args.warmup < 0:
+        parser.error("--concurrency, --channels, --procs and --rounds must be >= 1, --duration > 0 and --warmup >= 0")
     if not 1 <= args.watch_streams_per_connection <= H2_MAX_STREAMS:
         parser.error(f"--watch-streams-per-connection must be 1..{H2_MAX_STREAMS} (the server's HTTP/2 limit)")
     if args.scale and not 100 <= args.scale_small <= args.scale_orders or args.scale_repeats < 1:
@@ -451,6 +458,24 @@ async def measure_scenario(ctx: Context, scenario: str) -> dict[str, Any]:
     return {**measured, "preload_seconds": round(preloaded.seconds, 2)}
 
 
+async def measure_rounds(ctx: Context, scenario: str, baselines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A scenario's rounds (``--rounds`` of a unary one, one of watch), each with its own fresh server and
+    database; after each unary round the baseline is measured again (appended to ``baselines``) and the
+    round's ratios are taken to the baseline runs just before and after it."""
+    rounds: list[dict[str, Any]] = []
+    count = 1 if scenario == "watch" else ctx.args.rounds
+    for number in range(count):
+        ctx.log(f"{scenario} ..." if count == 1 else f"{scenario}, round {number + 1} of {count} ...")
+        measured = await measure_scenario(ctx, scenario)
+        if scenario != "watch":
+            if not ctx.args.baseline_once:
+                ctx.log("baseline ...")
+                baselines.append(await measure_baseline(ctx, len(baselines)))
+            report.add_ratios(measured, baselines[-2:])  # the runs just before and after it (or the only one)
+        rounds.append(measured)
+    return rounds
+
+
 async def measure_baseline(ctx: Context, number: int) -> dict[str, Any]:
     """The baseline service driven like a unary scenario: its report, or ``{"error": ...}``."""
     empty = ScenarioData(order_ids=(), max_key=0)
@@ -501,26 +526,21 @@ async def run(args: argparse.Namespace, database: dict[str, Any]) -> dict[str, A
         result["scenarios"] = {}
         preload_seconds: list[float] = []
         for scenario in args.scenario_list:
-            log(f"{scenario} ...")
             try:
-                measured = await measure_scenario(ctx, scenario)
+                rounds = await measure_rounds(ctx, scenario, baselines)
             except Exception as exc:
                 result["scenarios"][scenario] = {"error": _failure(exc, args)}
                 log(f"{scenario} failed: {result['scenarios'][scenario]['error']}")
                 continue
-            if scenario != "watch":
-                if not args.baseline_once:
-                    log("baseline ...")
-                    baselines.append(await measure_baseline(ctx, len(baselines)))
-                report.add_ratios(measured, baselines[-2:])  # the runs just before and after it (or the only one)
-            result["scenarios"][scenario] = measured
-            preload_seconds.append(measured["preload_seconds"])
-            status = measured["server"]["exit_status"]
-            if status != 0:
-                result["notes"].append(
-                    f"{scenario}: the server exited with status {status} after SIGTERM"
-                    + (" (killed: it had not stopped within 20 s)" if status == -9 else "")
-                )
+            result["scenarios"][scenario] = report.median_round(rounds)
+            for measured in rounds:
+                preload_seconds.append(measured["preload_seconds"])
+                status = measured["server"]["exit_status"]
+                if status != 0:
+                    result["notes"].append(
+                        f"{scenario}: the server exited with status {status} after SIGTERM"
+                        + (" (killed: it had not stopped within 20 s)" if status == -9 else "")
+                    )
         result["baselines"] = [report.baseline_summary(baseline) for baseline in baselines]
         if preload_seconds:
             mean = sum(preload_seconds) / len(preload_seconds)

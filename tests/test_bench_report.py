@@ -40,7 +40,7 @@ def test_a_failed_baseline_run_is_left_out_and_with_none_there_is_no_ratio() -> 
         ([_run(3000.0)], "measured once, before the scenarios"),
         (
             [_run(2800.0), _run(4759.6), {"error": "x"}],
-            "measured 3 times, before the first scenario and after each unary one (2,800-4,760 RPS, 1 failed)",
+            "measured 3 times, before the first scenario and after each unary round (2,800-4,760 RPS, 1 failed)",
         ),
     ],
 )
@@ -49,3 +49,30 @@ def test_the_table_says_how_often_the_baseline_ran_and_its_range(
 ) -> None:
     summaries = [report.baseline_summary(b) for b in baselines]
     assert expected in report._baselines_line(summaries)
+
+
+def _round(rps: float, ratio: float, tail: float, errors: dict[str, int]) -> dict[str, Any]:
+    return {
+        "rps": rps,
+        "ratio_to_baseline": ratio,
+        "latency_ms": {"p50_ms": 10.0, "p99_ms": 10.0 * tail},
+        "p99_over_p50": tail,
+        "errors": sum(errors.values()),
+        "error_codes": errors,
+    }
+
+
+def test_a_scenario_of_several_rounds_is_its_median_round_with_every_error_and_the_worst_tail() -> None:
+    rounds = [
+        _round(1400.0, 0.46, 2.5, {}),
+        _round(2100.0, 0.66, 9.5, {"create: UNAVAILABLE": 1}),
+        _round(1700.0, 0.52, 3.0, {"create: DEADLINE_EXCEEDED": 2}),
+    ]
+    combined = report.median_round(rounds)
+    assert (combined["rps"], combined["ratio_to_baseline"]) == (1700.0, 0.52)  # by ratio, not by order
+    assert combined["errors"] == 3
+    assert combined["error_codes"] == {"create: DEADLINE_EXCEEDED": 2, "create: UNAVAILABLE": 1}
+    assert combined["p99_over_p50"] == 9.5
+    assert [r["ratio_to_baseline"] for r in combined["rounds"]] == [0.46, 0.66, 0.52]
+    assert report.median_round(rounds[:2])["ratio_to_baseline"] == 0.46  # the lower median of two
+    assert report.median_round(rounds[:1]) is rounds[0]
