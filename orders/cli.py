@@ -120,8 +120,9 @@ def positive_float(text: str) -> float:
 
 
 def short_id(order_id: str) -> str:
-    """The first block of a UUID, enough to tell orders apart on screen."""
-    return order_id.split("-", 1)[0]
+    """The last 8 hex digits of a UUID, enough to tell orders apart on screen. (Not the first: a server id
+    starts with its creation time, which orders created within a minute share.)"""
+    return order_id[-8:]
 
 
 def format_time(moment: datetime.datetime | None) -> str:

@@ -336,7 +336,9 @@ def test_demo_exercises_every_rpc_with_a_live_watch() -> None:
     assert "refused as expected: FAILED_PRECONDITION" in out
     assert "(same as the first: True)" in out
     watch_lines = [line for line in out.splitlines() if line.startswith("  [watch] seq=")]
-    changes = [re.fullmatch(r"  \[watch\] seq=\d+ [0-9a-f]{8} (.+) at \S+", line).group(1) for line in watch_lines]
+    watched = [re.fullmatch(r"  \[watch\] seq=\d+ ([0-9a-f]{8}) (.+) at \S+", line).groups() for line in watch_lines]
+    changes = [change for _, change in watched]
+    assert len({short for short, change in watched if change == "(new) -> PENDING"}) == 3  # told apart on screen
     assert changes == [
         "(new) -> PENDING",
         "(new) -> PENDING",
