@@ -301,7 +301,7 @@ class Repository:
         self._change_status_sql = (
             o.update(status=0, version=0, update_time_us=0, encoded=b"").where((o.id == "") & (o.version == 0)).sql()[0]
         )
-        # Statements for many rows (see _rows_sql): a batch of creates or status changes reads and writes
+        # Statements for many rows (see _run_for_rows): a batch of creates or status changes reads and writes
         # each table in one statement, which on PostgreSQL is one round trip instead of one per order.
         # Their SQL is generated once per row count.
         order = {"id": "", "status": 0, "total_cents": 0, "currency_code": "", "version": 0, "create_time_us": 0}
