@@ -9,6 +9,7 @@ transactions, the fast bulk insert, the offline-load settings and the clean-up a
 from __future__ import annotations
 
 import abc
+import collections
 import contextlib
 import importlib.util
 import sqlite3
@@ -199,6 +200,15 @@ def event_log_head(url: str) -> int:
     """The event log's head (its highest sequence, 0 if empty); safe while the server runs."""
     with connect(url) as conn:
         return int(conn.scalar(HEAD_SQL))
+
+
+def events_per_order(url: str, after: int) -> collections.Counter[str]:
+    """How many events each order has in the log after sequence ``after``; safe while the server runs."""
+    with connect(url) as conn:
+        rows = conn.raw.execute(
+            f"SELECT order_id, COUNT(*) FROM status_event WHERE sequence > {int(after)} GROUP BY order_id"
+        )
+        return collections.Counter({order_id: int(count) for order_id, count in rows.fetchall()})
 
 
 def backend_info(server: str | None) -> dict[str, Any]:

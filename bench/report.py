@@ -353,11 +353,12 @@ def table(report: Mapping[str, Any]) -> str:
                 f"{_fmt(s['server']['cpu_percent']):>6}% {_fmt(s['generator_cpu_percent']):>6}% "
                 f"{_fmt(s['server']['peak_rss_mb']):>7}"
             )
+            watching = "every order" if s["orders_per_watcher"] == "all" else f"{s['orders_per_watcher']} orders each"
             lines.append(
-                f"{'':<10} {s['watchers']} watchers on {s['connections']} connection(s), "
+                f"{'':<10} {s['watchers']} watchers ({watching}) on {s['connections']} connection(s), "
                 f"{s['updates_per_second']:g} updates/s asked; delivered {s['delivered']:,} of {s['expected']:,}, "
-                f"missed {s['missed']:,} ({s['missed_skipped']:,} skipped, {s['missed_not_caught_up']:,} not caught up "
-                f"after the drain), duplicates {s['duplicates']:,}; latency commit->receipt"
+                f"missed {s['missed']:,} ({s['not_caught_up']:,} watchers not caught up after the drain), "
+                f"duplicates {s['duplicates']:,}; latency commit->receipt"
             )
             continue
         lat = s["latency_ms"]

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.db import Databases, backend_info, check_server_url, event_log_head
+from bench.db import Databases, backend_info, check_server_url, event_log_head, events_per_order
 from bench.load import LoadResult, drive, split
 from bench.preload import PreloadResult, preload
 from bench.procs import ResourceSampler, ServerFailed, ServerProcess
@@ -38,10 +38,13 @@ from bench.watch import (
     WatcherResult,
     WatcherSpec,
     WriterSpec,
+    missed_events,
+    owed_events,
     publish_final_head,
     run_watchers,
     run_watchers_blocking,
     run_writer_blocking,
+    watch_filters,
 )
 from orders.storage import redacted
 
@@ -75,6 +78,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--no-request-ids", action="store_true", help="create without a request_id (OrderClient always sends one)")
     add("--watchers", type=int, default=1000, help="watch: concurrent watchers (default: %(default)s)")
     add("--updates-per-second", type=float, default=1000.0, help="watch: status changes per second (default: 1000)")
+    add(
+        "--watch-orders",
+        type=int,
+        default=0,
+        help="watch: each watcher watches this many orders of its own, which the writer changes (default: 0, "
+        "every watcher watches every order)",
+    )
     add("--watch-procs", type=int, default=1, help="watch: processes the watchers are split over (default: 1)")
     add(
         "--watch-streams-per-connection",
@@ -126,6 +136,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--scale-small must be at least 100 and at most --scale-orders; --scale-repeats at least 1")
     if args.orders < max(args.concurrency, 100):
         parser.error("--orders must be at least 100 and at least --concurrency")
+    if args.watch_orders < 0 or args.watchers * args.watch_orders > args.orders:
+        parser.error("--watch-orders must be >= 0, and --watchers × --watch-orders at most --orders")
     if args.workers is not None and args.workers < 1:
         parser.error("--workers must be at least 1")
     problem = args.db_server and check_server_url(args.db_server)
@@ -271,6 +283,9 @@ async def measure_watch(ctx: Context, preloaded: PreloadResult) -> dict[str, Any
         measure_to = measure_from + args.duration
         cpu = _CpuWindow(sampler, measure_from, measure_to)
         procs = max(1, min(args.watch_procs, watchers))
+        shares = split(watchers, procs)
+        filters = watch_filters(preloaded.sample_ids, watchers, args.watch_orders)
+        starts = [sum(shares[:i]) for i in range(procs)]
         specs = [
             WatcherSpec(
                 host=HOST,
@@ -283,8 +298,9 @@ async def measure_watch(ctx: Context, preloaded: PreloadResult) -> dict[str, Any
                 measure_to=measure_to,
                 final_head_file=str(final_file),
                 drain_timeout=args.watch_drain,
+                order_ids=tuple(filters[start : start + share]),
             )
-            for share in split(watchers, procs)
+            for start, share in zip(starts, shares, strict=True)
         ]
         loop = asyncio.get_running_loop()
         watching: list[asyncio.Future[WatcherResult]]
@@ -296,7 +312,7 @@ async def measure_watch(ctx: Context, preloaded: PreloadResult) -> dict[str, Any
             host=HOST,
             port=server.port,
             rate=args.updates_per_second,
-            order_ids=list(preloaded.sample_ids),
+            order_ids=[order_id for watched in filters for order_id in watched] or list(preloaded.sample_ids),
             start=write_from,
             stop=measure_to,
             measure_from=measure_from,
@@ -305,6 +321,7 @@ async def measure_watch(ctx: Context, preloaded: PreloadResult) -> dict[str, Any
         try:
             writer = await loop.run_in_executor(ctx.pool, run_writer_blocking, writer_spec)
             head = await loop.run_in_executor(None, event_log_head, preloaded.url)
+            counts = await loop.run_in_executor(None, events_per_order, preloaded.url, preloaded.head_sequence)
         finally:
             publish_final_head(final_file, head)  # on failure (-1) too: it ends the watchers
         ctx.log(f"watch: writer done, log head {head:,}; waiting for the watchers to catch up ...")
@@ -313,9 +330,9 @@ async def measure_watch(ctx: Context, preloaded: PreloadResult) -> dict[str, Any
             seen.merge(part)
         cpu_seconds = await cpu.result()
     usage = _usage(sampler, cpu_seconds, args.duration, _exit_status(server))
-    events = head - preloaded.head_sequence
-    behind = sum(max(0, head - last) for last in seen.last_sequences)
-    missed = seen.gaps + behind
+    events = sum(counts.values())
+    owed = owed_events(counts, filters, seen.watchers)
+    missed = missed_events(owed, seen.received_each)
     errors = sum(seen.errors.values()) + sum(writer.errors.values())
     return {
         "watchers": seen.watchers,
@@ -324,11 +341,11 @@ async def measure_watch(ctx: Context, preloaded: PreloadResult) -> dict[str, Any
         "ready_when_writing_began": seen.ready,
         "updates_per_second": args.updates_per_second,
         "events": events,
-        "expected": events * watchers,
+        "orders_per_watcher": args.watch_orders or "all",
+        "expected": sum(owed),
         "delivered": seen.received,
-        "missed": missed,
-        "missed_skipped": seen.gaps,  # sequences a stream jumped over: a broken no-gap promise
-        "missed_not_caught_up": behind,  # not yet received when the drain time ran out: too slow
+        "missed": missed,  # owed and not received by the end of the drain: skipped, or too slow
+        "not_caught_up": sum(reached < head for reached in seen.reached_each),  # watchers, after the drain
         "duplicates": seen.duplicates,
         "delivery_ms": report.rounded(seen.latency.summary_ms()),
         "errors": errors,

@@ -1,6 +1,8 @@
-"""The watch scenario: W watchers of every order, and a writer making U status changes per second.
+"""The watch scenario: W watchers, and a writer making U status changes per second.
 
-* Watchers open ``OrderStatusStream`` with no order filter, ``after_sequence`` = the log's head
+* Watchers open ``OrderStatusStream`` with no order filter (each gets every event: W × U messages per
+  second), or each with its own ``watch_orders`` orders (the way a shop's clients watch their own
+  orders: each event reaches one watcher), ``after_sequence`` = the log's head
   before the writer starts (so a watcher that connects late still owes every event: nothing can be
   excused as "not yet watching"), and ``heartbeat_seconds=1`` (its first heartbeat shows it is
   connected). They are spread over connections of at most ``streams_per_connection`` streams each
@@ -14,9 +16,11 @@
   on the server's clock, same machine), for every event *committed* in the measurement window, however
   late it arrives. The event time is taken inside the write transaction, before its commit, so the
   latency includes the commit itself.
-* Streams promise strictly increasing sequences, so each watcher tracks only its last sequence:
-  a jump forward is missed events, a step back or repeat is a duplicate, and whatever it had not
-  reached when the run ended (the log's final head, read from the database) is missed too.
+* Streams promise strictly increasing sequences, so a step back or repeat is a duplicate. Each
+  watcher counts the events it received; the orchestrator counts, in the database, the events it
+  should have had (every event after the start head, or those of its orders), and the difference is
+  missed. A watcher has caught up once an event or a heartbeat (which carries the log's head, and is
+  sent only to an idle stream that has been sent everything up to it) reaches the log's final head.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import asyncio
 import collections
 import math
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +54,7 @@ class WatcherSpec:
     measure_to: float  # monotonic; the writer stops here too
     final_head_file: str  # the orchestrator writes the log's final head here once the writer is done
     drain_timeout: float  # how long after that watchers may take to reach it (the rest counts as missed)
+    order_ids: tuple[tuple[str, ...], ...] = ()  # each watcher's filter; empty: every watcher sees every order
 
 
 @dataclass
@@ -58,10 +64,9 @@ class WatcherResult:
     watchers: int = 0
     connections: int = 0
     ready: int = 0  # watchers that had received their first message (a heartbeat) when writing began
-    received: int = 0  # distinct events delivered, over all watchers
-    gaps: int = 0  # events skipped (a sequence jumped forward), over all watchers
     duplicates: int = 0  # repeated or out-of-order sequences, over all watchers
-    last_sequences: list[int] = field(default_factory=list)  # per watcher: the last sequence received
+    received_each: list[int] = field(default_factory=list)  # per watcher: distinct events received
+    reached_each: list[int] = field(default_factory=list)  # per watcher: the log head it has been sent
     errors: collections.Counter[str] = field(default_factory=collections.Counter)  # how streams ended early
     latency: Histogram = field(default_factory=Histogram)
     generator_cpu: float = 0.0  # CPU seconds of the watcher process(es) during the window
@@ -71,21 +76,25 @@ class WatcherResult:
         self.watchers += other.watchers
         self.connections += other.connections
         self.ready += other.ready
-        self.received += other.received
-        self.gaps += other.gaps
         self.duplicates += other.duplicates
-        self.last_sequences.extend(other.last_sequences)
+        self.received_each.extend(other.received_each)
+        self.reached_each.extend(other.reached_each)
         self.errors.update(other.errors)
         self.latency.merge(other.latency)
         self.generator_cpu += other.generator_cpu
 
+    @property
+    def received(self) -> int:
+        """Distinct events delivered, over all watchers."""
+        return sum(self.received_each)
+
 
 @dataclass
 class _Watcher:
-    last: int
+    last: int  # the last event's sequence
+    reached: int  # the log head it has been sent: its last event's, or a heartbeat's
     ready: bool = False
     received: int = 0
-    gaps: int = 0
     duplicates: int = 0
 
 
@@ -96,7 +105,7 @@ async def run_watchers(spec: WatcherSpec) -> WatcherResult:
     methods = [watch_method(channel) for channel in channels]
     latency = Histogram()
     errors: collections.Counter[str] = collections.Counter()
-    states = [_Watcher(spec.after_sequence) for _ in range(spec.watchers)]
+    states = [_Watcher(spec.after_sequence, spec.after_sequence) for _ in range(spec.watchers)]
     # Latency is recorded for events *committed* in the window (however late they arrive), so the
     # window is turned into wall-clock time, the clock of the events' timestamps.
     wall = time.time() - time.monotonic()
@@ -105,21 +114,21 @@ async def run_watchers(spec: WatcherSpec) -> WatcherResult:
     async def watch(index: int) -> None:
         state = states[index]
         method, request_type = methods[index % connections]
-        request = request_type(after_sequence=spec.after_sequence, heartbeat_seconds=1)
+        order_ids = spec.order_ids[index] if spec.order_ids else ()
+        request = request_type(after_sequence=spec.after_sequence, heartbeat_seconds=1, order_ids=order_ids)
         try:
             async with method.open() as stream:
                 await stream.send_message(request, end=True)
                 async for update in stream:
                     received_at = time.time()
-                    if not update.order_id:  # a heartbeat
-                        state.ready = True
-                        continue
                     state.ready = True
                     sequence = update.sequence
+                    state.reached = max(state.reached, sequence)
+                    if not update.order_id:  # a heartbeat
+                        continue
                     if sequence <= state.last:
                         state.duplicates += 1
                         continue
-                    state.gaps += sequence - state.last - 1
                     state.last = sequence
                     state.received += 1
                     stamp = update.timestamp
@@ -146,7 +155,7 @@ async def run_watchers(spec: WatcherSpec) -> WatcherResult:
         final_head = await _read_final_head(Path(spec.final_head_file))
         deadline = time.monotonic() + spec.drain_timeout
         while time.monotonic() < deadline and any(
-            s.last < final_head and not t.done() for s, t in zip(states, tasks, strict=True)
+            s.reached < final_head and not t.done() for s, t in zip(states, tasks, strict=True)
         ):
             await asyncio.sleep(0.05)
     finally:
@@ -158,14 +167,35 @@ async def run_watchers(spec: WatcherSpec) -> WatcherResult:
         watchers=spec.watchers,
         connections=connections,
         ready=ready_when_writing,
-        received=sum(s.received for s in states),
-        gaps=sum(s.gaps for s in states),
         duplicates=sum(s.duplicates for s in states),
-        last_sequences=[s.last for s in states],
+        received_each=[s.received for s in states],
+        reached_each=[s.reached for s in states],
         errors=errors,
         latency=latency,
         generator_cpu=cpu[1] - cpu[0],
     )
+
+
+def watch_filters(order_ids: Sequence[str], watchers: int, per_watcher: int) -> list[tuple[str, ...]]:
+    """Each watcher's own ``per_watcher`` orders (none: every watcher watches every order)."""
+    if not per_watcher:
+        return []
+    if watchers * per_watcher > len(order_ids):
+        raise ValueError(f"{watchers} watchers × {per_watcher} orders need that many preloaded orders")
+    return [tuple(order_ids[i * per_watcher : (i + 1) * per_watcher]) for i in range(watchers)]
+
+
+def owed_events(counts: Mapping[str, int], filters: Sequence[Sequence[str]], watchers: int) -> list[int]:
+    """Per watcher, the events it should have received: those of its orders (``filters``, one tuple per
+    watcher), or every event in ``counts`` (events per order) when there are no filters."""
+    if not filters:
+        return [sum(counts.values())] * watchers
+    return [sum(counts.get(order_id, 0) for order_id in watched) for watched in filters]
+
+
+def missed_events(owed: Sequence[int], received: Sequence[int]) -> int:
+    """Events some watcher was owed and did not receive, summed over watchers."""
+    return sum(max(0, expected - got) for expected, got in zip(owed, received, strict=True))
 
 
 def run_watchers_blocking(spec: WatcherSpec) -> WatcherResult:
