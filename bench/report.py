@@ -25,6 +25,7 @@ TAIL_FACTOR = 10.0  # p99 ≤ 10 × p50 in every scenario
 WATCH_P99_MS = 50.0
 WATCH_RSS_MB = 200.0
 WATCH_MIN_RATE_SHARE = 0.95  # the writer must reach 95 % of the asked rate for the watch target to mean anything
+REFERENCE_FACTOR = 3.0  # DESIGN.md: ≥ 3× the throughput of a straightforward grpcio + sqlite3 implementation
 SCALE_TOLERANCE = 0.20  # "costs the same": the large database's RPS within 20 % of the small one's
 
 
@@ -189,6 +190,31 @@ def median_round(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return report
 
 
+def add_reference(scenario: dict[str, Any], reference_rounds: Sequence[dict[str, Any]]) -> None:
+    """Attach the same scenario's rounds on :mod:`bench.reference` to ``scenario``: their median round in
+    brief under ``reference``, and ``x_reference``, the orders server's ratio to the baseline over the
+    reference's. Each ratio is to the baseline runs around its own round, so the drift of the machine's
+    speed between the two cancels out."""
+    failed = [r["error"] for r in reference_rounds if "error" in r]
+    if failed:
+        scenario["reference"] = {"error": failed[0]}
+        return
+    median = median_round(reference_rounds)
+    scenario["reference"] = {
+        "rps": median["rps"],
+        "ratio_to_baseline": median.get("ratio_to_baseline"),
+        "p50_ms": median["latency_ms"].get("p50_ms"),
+        "p99_ms": median["latency_ms"].get("p99_ms"),
+        "errors": median["errors"],
+        "error_codes": median["error_codes"],
+        "cpu_ms_per_call": (median.get("server") or {}).get("cpu_ms_per_call"),
+        "rounds": [r.get("ratio_to_baseline") for r in reference_rounds],
+    }
+    ours, theirs = scenario.get("ratio_to_baseline"), median.get("ratio_to_baseline")
+    if ours and theirs:
+        scenario["x_reference"] = round(ours / theirs, 2)
+
+
 def baseline_summary(baseline: Mapping[str, Any]) -> dict[str, Any]:
     """One baseline measurement in brief: RPS, p50 and server CPU per call (or its error)."""
     if "error" in baseline:
@@ -237,6 +263,17 @@ def judge(report: Mapping[str, Any]) -> list[Target]:
             Target(f"{name} p99 / p50", tail, f"<= {TAIL_FACTOR:g}", None if tail is None else tail <= TAIL_FACTOR)
         )
         targets.append(Target(f"{name} errors", scenario.get("errors"), "== 0", scenario.get("errors") == 0))
+    for name, scenario in scenarios.items():
+        if "reference" in scenario:
+            times = scenario.get("x_reference")
+            targets.append(
+                Target(
+                    f"{name} RPS / straightforward grpcio + sqlite3",
+                    times if times is not None else scenario["reference"].get("error"),
+                    f">= {REFERENCE_FACTOR:g}",
+                    None if times is None else times >= REFERENCE_FACTOR,
+                )
+            )
     watch = scenarios.get("watch")
     if watch:
         if "error" in watch:
@@ -321,6 +358,19 @@ def _rounds_line(rounds: Sequence[Mapping[str, Any]]) -> str:
     )
 
 
+def _reference_line(scenario: Mapping[str, Any]) -> str:
+    """The scenario on :mod:`bench.reference`, and how many times its throughput the orders server has."""
+    reference = scenario["reference"]
+    if "error" in reference:
+        return f"{'':<10} on bench.reference (grpcio + sqlite3): FAILED: {reference['error'].splitlines()[0]}"
+    errors = f", {reference['errors']} errors" if reference["errors"] else ""
+    return (
+        f"{'':<10} on bench.reference (grpcio + sqlite3): {_fmt(reference['rps'])} RPS, x base "
+        f"{_fmt(reference['ratio_to_baseline'], '.2f')}, p50 {_fmt(reference['p50_ms'], '.2f')} ms{errors}; "
+        f"the orders server does {_fmt(scenario.get('x_reference'), '.2f')}x its throughput"
+    )
+
+
 def table(report: Mapping[str, Any]) -> str:
     """The short human summary: one line per scenario, then the targets."""
     lines = []
@@ -377,6 +427,8 @@ def table(report: Mapping[str, Any]) -> str:
             lines.append(_baselines_line(report.get("baselines") or []))
         if s.get("rounds"):
             lines.append(_rounds_line(s["rounds"]))
+        if s.get("reference"):
+            lines.append(_reference_line(s))
     scale = report.get("scale")
     if scale:
         if "error" in scale:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import multiprocessing
 import shlex
 import shutil
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.db import Databases, backend_info, check_server_url, event_log_head, events_per_order
+from bench.db import Databases, backend_info, check_server_url, event_log_head, events_per_order, sqlite_path
 from bench.load import LoadResult, drive, split
 from bench.preload import PreloadResult, preload
 from bench.procs import ResourceSampler, ServerFailed, ServerProcess
@@ -93,6 +94,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"watch: watchers per HTTP/2 connection, at most {H2_MAX_STREAMS} (default: %(default)s)",
     )
     add("--watch-drain", type=float, default=10.0, help="watch: seconds watchers may take to catch up at the end")
+    add(
+        "--reference",
+        action="store_true",
+        help="also run each unary scenario against bench.reference, a straightforward grpcio + sqlite3 server "
+        "of the same contract, in as many rounds, and report the orders server's throughput over its",
+    )
     add("--scale", action="store_true", help="also run the scale scenario (get and list, small vs large database)")
     add("--scale-orders", type=int, default=1_000_000, help="scale: orders in the large database (default: 1000000)")
     add("--scale-small", type=int, default=1_000, help="scale: orders in the small database (default: 1000)")
@@ -140,6 +147,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--watch-orders must be >= 0, and --watchers × --watch-orders at most --orders")
     if args.workers is not None and args.workers < 1:
         parser.error("--workers must be at least 1")
+    if args.reference and args.db_server:
+        parser.error("--reference compares with a sqlite3 server: leave out --db-server")
+    if args.reference and importlib.util.find_spec("grpc") is None:
+        parser.error("--reference needs grpcio: pip install -e '.[test]'")
     problem = args.db_server and check_server_url(args.db_server)
     if problem:
         parser.error(problem)
@@ -462,28 +473,36 @@ def _warm(_: int) -> int:
     return 0
 
 
-async def measure_scenario(ctx: Context, scenario: str) -> dict[str, Any]:
-    """One scenario on a fresh preloaded database; its report (without baseline ratios)."""
+async def measure_scenario(ctx: Context, scenario: str, reference: bool = False) -> dict[str, Any]:
+    """One scenario on a fresh preloaded database, served by the orders server or (``reference``) by
+    :mod:`bench.reference`; its report (without baseline ratios)."""
     with ctx.preloaded(scenario, ctx.args.orders) as preloaded:
         if scenario == "watch":
             measured = await measure_watch(ctx, preloaded)
         else:
             data = data_for(preloaded, ctx.args)
-            server_args = ctx.server_args(preloaded.url)
-            load, usage = await measure_unary(ctx, scenario, "orders.server", server_args, data, scenario)
+            if reference:
+                module, name = "bench.reference", f"{scenario}-reference"
+                server_args = ["--db", str(sqlite_path(preloaded.url)), "--host", HOST, "--port", "0"]
+            else:
+                module, name, server_args = "orders.server", scenario, ctx.server_args(preloaded.url)
+            load, usage = await measure_unary(ctx, scenario, module, server_args, data, name)
             measured = report.unary_report(load, usage)
     return {**measured, "preload_seconds": round(preloaded.seconds, 2)}
 
 
-async def measure_rounds(ctx: Context, scenario: str, baselines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+async def measure_rounds(
+    ctx: Context, scenario: str, baselines: list[dict[str, Any]], reference: bool = False
+) -> list[dict[str, Any]]:
     """A scenario's rounds (``--rounds`` of a unary one, one of watch), each with its own fresh server and
     database; after each unary round the baseline is measured again (appended to ``baselines``) and the
     round's ratios are taken to the baseline runs just before and after it."""
     rounds: list[dict[str, Any]] = []
     count = 1 if scenario == "watch" else ctx.args.rounds
+    label = f"{scenario} on bench.reference" if reference else scenario
     for number in range(count):
-        ctx.log(f"{scenario} ..." if count == 1 else f"{scenario}, round {number + 1} of {count} ...")
-        measured = await measure_scenario(ctx, scenario)
+        ctx.log(f"{label} ..." if count == 1 else f"{label}, round {number + 1} of {count} ...")
+        measured = await measure_scenario(ctx, scenario, reference)
         if scenario != "watch":
             if not ctx.args.baseline_once:
                 ctx.log("baseline ...")
@@ -550,6 +569,13 @@ async def run(args: argparse.Namespace, database: dict[str, Any]) -> dict[str, A
                 log(f"{scenario} failed: {result['scenarios'][scenario]['error']}")
                 continue
             result["scenarios"][scenario] = report.median_round(rounds)
+            if args.reference and scenario != "watch":
+                try:
+                    reference = await measure_rounds(ctx, scenario, baselines, reference=True)
+                except Exception as exc:
+                    reference = [{"error": _failure(exc, args)}]
+                    log(f"{scenario} on bench.reference failed: {reference[0]['error']}")
+                report.add_reference(result["scenarios"][scenario], reference)
             for measured in rounds:
                 preload_seconds.append(measured["preload_seconds"])
                 status = measured["server"]["exit_status"]

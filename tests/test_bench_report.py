@@ -76,3 +76,33 @@ def test_a_scenario_of_several_rounds_is_its_median_round_with_every_error_and_t
     assert [r["ratio_to_baseline"] for r in combined["rounds"]] == [0.46, 0.66, 0.52]
     assert report.median_round(rounds[:2])["ratio_to_baseline"] == 0.46  # the lower median of two
     assert report.median_round(rounds[:1]) is rounds[0]
+
+
+def _judged(scenario: dict[str, Any]) -> list[report.Target]:
+    return [t for t in report.judge({"scenarios": {"create": scenario}}) if "grpcio" in t.name]
+
+
+def test_the_reference_comparison_takes_each_side_to_its_own_baselines() -> None:
+    ours = _round(1500.0, 0.50, 2.0, {})
+    report.add_reference(
+        ours, [_round(700.0, 0.20, 3.0, {}), _round(500.0, 0.10, 2.0, {}), _round(900.0, 0.16, 2.0, {})]
+    )
+    # Ours: 0.50 of the baseline; the reference's median round: 0.16. Not 1500 / 900 RPS.
+    assert ours["x_reference"] == 3.12
+    assert ours["reference"]["rps"] == 900.0 and ours["reference"]["rounds"] == [0.20, 0.10, 0.16]
+    [target] = _judged(ours)
+    assert (target.measured, target.passed) == (3.12, True)
+    assert "3.12x its throughput" in report._reference_line(ours)
+
+    behind = _round(1500.0, 0.50, 2.0, {})
+    report.add_reference(behind, [_round(1400.0, 0.25, 2.0, {})])
+    assert [t.passed for t in _judged(behind)] == [False]  # 2x
+
+
+def test_a_failed_reference_run_fails_its_target_and_says_why() -> None:
+    ours = _round(1500.0, 0.50, 2.0, {})
+    report.add_reference(ours, [{"error": "bench.reference exited with status 1"}])
+    assert "x_reference" not in ours
+    [target] = _judged(ours)
+    assert target.passed is None and target.measured == "bench.reference exited with status 1"
+    assert "FAILED: bench.reference exited" in report._reference_line(ours)
