@@ -296,6 +296,7 @@ async def measure_watch(ctx: Context, preloaded: PreloadResult) -> dict[str, Any
         procs = max(1, min(args.watch_procs, watchers))
         shares = split(watchers, procs)
         filters = watch_filters(preloaded.sample_ids, watchers, args.watch_orders)
+        watched = watchers * args.watch_orders or len(preloaded.sample_ids)  # the writer changes only these
         starts = [sum(shares[:i]) for i in range(procs)]
         specs = [
             WatcherSpec(
@@ -323,7 +324,7 @@ async def measure_watch(ctx: Context, preloaded: PreloadResult) -> dict[str, Any
             host=HOST,
             port=server.port,
             rate=args.updates_per_second,
-            order_ids=[order_id for watched in filters for order_id in watched] or list(preloaded.sample_ids),
+            order_ids=list(preloaded.sample_ids[:watched]),
             start=write_from,
             stop=measure_to,
             measure_from=measure_from,

@@ -177,12 +177,14 @@ async def run_watchers(spec: WatcherSpec) -> WatcherResult:
 
 
 def watch_filters(order_ids: Sequence[str], watchers: int, per_watcher: int) -> list[tuple[str, ...]]:
-    """Each watcher's own ``per_watcher`` orders (none: every watcher watches every order)."""
+    """Each watcher's own ``per_watcher`` orders (none: every watcher watches every order), dealt out in
+    turn, so a writer walking the orders in sequence changes each watcher's orders far apart in time,
+    not in a burst."""
     if not per_watcher:
         return []
     if watchers * per_watcher > len(order_ids):
         raise ValueError(f"{watchers} watchers × {per_watcher} orders need that many preloaded orders")
-    return [tuple(order_ids[i * per_watcher : (i + 1) * per_watcher]) for i in range(watchers)]
+    return [tuple(order_ids[i : watchers * per_watcher : watchers]) for i in range(watchers)]
 
 
 def owed_events(counts: Mapping[str, int], filters: Sequence[Sequence[str]], watchers: int) -> list[int]:

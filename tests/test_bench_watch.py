@@ -27,7 +27,7 @@ from orders.server import OrderServer
 @pytest.mark.database_free
 def test_each_watcher_gets_its_own_slice_of_the_orders() -> None:
     ids = [f"id{i}" for i in range(7)]
-    assert watch_filters(ids, 3, 2) == [("id0", "id1"), ("id2", "id3"), ("id4", "id5")]
+    assert watch_filters(ids, 3, 2) == [("id0", "id3"), ("id1", "id4"), ("id2", "id5")]  # dealt in turn
     assert watch_filters(ids, 3, 0) == []  # every watcher watches every order
     with pytest.raises(ValueError, match="3 watchers × 3 orders"):
         watch_filters(ids, 3, 3)
