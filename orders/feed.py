@@ -95,6 +95,7 @@ class _Watcher(Generic[T]):
         "closed",
         "wakeup",
         "wake_due",
+        "woken_at",
         "live",
         "resume_after",
         "heartbeat_due",
@@ -108,6 +109,7 @@ class _Watcher(Generic[T]):
         self.closed = False
         self.wakeup = _Wakeup()
         self.wake_due = False  # queued for the feed's next batched wake-up
+        self.woken_at = -math.inf  # loop time the feed last woke it for events
         self.heartbeat_due = math.inf  # loop time of the next heartbeat (inf: none asked)
         # Set by the stream: True while it is served from ``pending`` (not catching up). Then every
         # matching event older than the oldest queued one has been sent, so when it lags its catch-up
@@ -152,8 +154,9 @@ class _Watcher(Generic[T]):
 class Feed(Generic[T]):
     """Fans committed status events out to watchers; ``render`` turns an event into what is sent.
 
-    ``batch_window``: after a wake-up, a live stream waits this long for more events before it sends, so
-    that a busy feed sends each stream one batch per window instead of one write per event.
+    ``batch_window``: a live stream woken for events is not woken again until this long after, so that
+    a busy feed sends each stream one batch per window instead of one write per event, while a quiet
+    stream's event goes out at once.
     """
 
     def __init__(
@@ -237,19 +240,26 @@ class Feed(Generic[T]):
                     watcher.wakeup.set()
 
     def _wake(self, watcher: _Watcher[T]) -> None:
-        """Wake ``watcher``, which was just offered events: now, or with everyone after the batch window."""
-        if not self._batch_window:
+        """Wake ``watcher``, which was just offered events: at once if it was not woken within the batch
+        window (a quiet stream's event goes out without waiting), else with everyone at the end of the
+        window (a busy stream gets one write per window, not one per event)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now - watcher.woken_at >= self._batch_window:
+            watcher.woken_at = now
             watcher.wake_due = False
             watcher.wakeup.set()
             return
         self._to_wake.append(watcher)
         if self._wake_timer is None:
-            self._wake_timer = asyncio.get_running_loop().call_later(self._batch_window, self._wake_batch)
+            self._wake_timer = loop.call_later(self._batch_window, self._wake_batch)
 
     def _wake_batch(self) -> None:
         self._wake_timer = None
+        now = asyncio.get_running_loop().time()
         woken, self._to_wake = self._to_wake, []
         for watcher in woken:
+            watcher.woken_at = now
             watcher.wake_due = False
             watcher.wakeup.set()
 

@@ -16,15 +16,16 @@ from orders.calls import FramedMessages, framed, send_framed
 from orders.feed import Feed
 from orders.storage_threads import Storage
 
-# Seconds a woken stream waits for more events before sending: with 1,000 watchers of every order, one
-# write per event per stream is a million sends a second at 1,000 changes a second.
+# Seconds after a stream was woken for events before it is woken again: with 1,000 watchers of every
+# order, one write per event per stream is a million sends a second at 1,000 changes a second. A stream
+# that was not woken within the window (most of them, when each watches a few orders) is woken at once.
 BATCH_WINDOW = 0.01
 
 
 def new_feed(storage: Storage, poll_interval: float) -> Feed[FramedMessages]:
     """A feed over ``storage``'s event log that renders each event once, as a framed wire StatusUpdate; it
     reads the log for other processes' commits every ``poll_interval`` s, besides whenever it is notified,
-    and sends each stream what arrived within BATCH_WINDOW in one write."""
+    and wakes each stream at most once per BATCH_WINDOW, sending it what arrived meanwhile in one write."""
     repository = storage.repository
     return Feed(
         read_events=lambda after, order_ids, limit: storage.read(repository.events_after, after, order_ids, limit),

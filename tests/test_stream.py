@@ -792,3 +792,34 @@ async def test_stream_opened_while_the_feed_is_closing_ends_with_unavailable(ser
     error = await stream_error(stub, OrderStatusStreamRequest(after_sequence=after_sequence))
     assert error.status == Status.UNAVAILABLE
     assert server.feed.watcher_count == 0
+
+
+@pytest.mark.database_free  # the Feed alone, over an in-memory log
+async def test_a_quiet_stream_gets_its_update_at_once_and_a_busy_one_once_per_batch_window() -> None:
+    log = InMemoryLog()
+    feed = Feed(log.read, log.bounds, log.render, lambda head: -head, batch_window=2.0)
+    await feed.start()
+    batches: list[tuple[float, list[int]]] = []
+    loop = asyncio.get_running_loop()
+
+    async def watch() -> None:
+        async for batch in feed.watch(WatchQuery(frozenset(), 0, 0)):
+            batches.append((loop.time(), batch))
+
+    watching = asyncio.create_task(watch())
+    try:
+        await eventually(lambda: feed.watcher_count == 1, "the watcher to register")
+        log.append(1)
+        began = loop.time()
+        feed.notify()
+        await eventually(lambda: len(batches) == 1, "the first update", timeout=1.0)  # not after the 2 s window
+        log.append(2)
+        feed.notify()
+        await asyncio.sleep(0.5)
+        assert [batch for _, batch in batches] == [[1]]  # woken within the window: it waits for the window
+        await eventually(lambda: len(batches) == 2, "the batch at the end of the window", timeout=5.0)
+        assert batches[1][1] == [2, 3] and batches[1][0] - began >= 2.0
+    finally:
+        watching.cancel()
+        await asyncio.wait({watching}, timeout=1)
+        await asyncio.wait_for(feed.close(), 2)
