@@ -206,7 +206,8 @@ def events_per_order(url: str, after: int) -> collections.Counter[str]:
     """How many events each order has in the log after sequence ``after``; safe while the server runs."""
     with connect(url) as conn:
         rows = conn.raw.execute(
-            f"SELECT order_id, COUNT(*) FROM status_event WHERE sequence > {int(after)} GROUP BY order_id"
+            f"SELECT order_id, COUNT(*) FROM status_event WHERE sequence > {conn.placeholder} GROUP BY order_id",
+            (after,),
         )
         return collections.Counter({order_id: int(count) for order_id, count in rows.fetchall()})
 
