@@ -28,8 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
-from google.protobuf import message_factory
 
+from bench.api import upb
 from orders import domain
 from orders._proto.orders.v1 import (
     CancelOrderRequest,
@@ -61,14 +61,9 @@ INSERT_IDEMPOTENCY_KEY = (
 )
 
 
-def _runtime(message_type: Any) -> Any:
-    """The protobuf runtime's class for a generated betterproto2 message type."""
-    return message_factory.GetMessageClass(message_type.DESCRIPTOR)
-
-
-OrderMessage = _runtime(Order)
+OrderMessage = upb(Order)
 CreateReply, GetReply, UpdateReply, CancelReply, ListReply = map(
-    _runtime,
+    upb,
     (CreateOrderResponse, GetOrderResponse, UpdateOrderStatusResponse, CancelOrderResponse, ListOrdersResponse),
 )
 
@@ -237,8 +232,8 @@ def _handler(method: Callable[[Any], Any], request_type: Any, response_type: Any
 
     return grpc.unary_unary_rpc_method_handler(
         handle,
-        request_deserializer=_runtime(request_type).FromString,
-        response_serializer=_runtime(response_type).SerializeToString,
+        request_deserializer=upb(request_type).FromString,
+        response_serializer=upb(response_type).SerializeToString,
     )
 
 
