@@ -63,7 +63,7 @@ class OrderService(OrderServiceBase):
 
     async def get_order(self, message: wire.Request) -> wire.Reply:  # type: ignore[override]
         order_id = domain.parse_order_id(message.id)
-        order = await self._storage.read(self._repository.get_order, order_id)
+        order = await self._storage.read_together(self._repository.get_orders, order_id)
         return wire.order_reply(order)
 
     async def update_order_status(self, message: wire.Request) -> wire.Reply:  # type: ignore[override]

@@ -3,7 +3,8 @@
 :class:`Storage` is what the service uses: writes go to the group-commit writer thread, reads to a
 reader thread (SQLite's WAL mode lets them run side by side; PostgreSQL reads never wait for writes).
 Each thread takes whatever jobs have queued up as one batch and answers the batch's callers with a
-single wake-up of their event loop, instead of one thread-pool future and one wake-up per call.
+single wake-up of their event loop, instead of one thread-pool future and one wake-up per call. Jobs of
+a batch that are parts of the same call of several requests (see :class:`Together`) run as one call.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ MAX_BATCH = 256  # jobs per batch: per transaction on the writer
 
 @dataclass(frozen=True, slots=True)
 class Together:
-    """A job's part in a write of several requests at once (see :meth:`Storage.write_together`)."""
+    """A job's part in a call of several requests at once (see :meth:`Storage.write_together`,
+    :meth:`Storage.read_together`)."""
 
     many: Callable[[list[Any]], list[Any]]
     argument: Any
@@ -51,7 +53,7 @@ class _Job:
     fn: Callable[[], Any]
     future: asyncio.Future[Any]
     transactional: bool = True  # writer only: False runs it outside the batch's transaction
-    together: Together | None = None  # writer only: run with the batch's jobs of the same ``many`` at once
+    together: Together | None = None  # run with the batch's adjacent jobs of the same ``many`` at once
 
 
 Outcome = tuple[asyncio.Future[Any], Any, BaseException | None]
@@ -110,7 +112,14 @@ class DatabaseThread:
                 _answer(self._run_batch(live))
 
     def _run_batch(self, batch: list[_Job]) -> list[Outcome]:
-        return [self._run_one(job) for job in batch]
+        outcomes: list[Outcome] = []
+        for group in _together(batch):
+            try:
+                results = call_translating_errors(self.database, _run_group, group)
+            except Exception as exc:
+                results = [(None, exc)] * len(group)
+            outcomes += [(job.future, result, error) for job, (result, error) in zip(group, results, strict=True)]
+        return outcomes
 
     def _run_one(self, job: _Job) -> Outcome:
         try:
@@ -179,8 +188,8 @@ def _together(jobs: list[_Job]) -> Iterator[list[_Job]]:
 
 
 def _run_group(jobs: list[_Job]) -> list[tuple[Any, BaseException | None]]:
-    """Each job's result or error; a group of parts of one write returns the errors of the requests it
-    refused (they wrote nothing) and raises for anything else."""
+    """Each job's result or error; a group of parts of one call returns the errors of the requests it
+    refused (a write's wrote nothing) and raises for anything else."""
     if len(jobs) == 1:
         return [(jobs[0].fn(), None)]
     many = jobs[0].together.many  # type: ignore[union-attr]  # a group of several is of parts
@@ -263,6 +272,11 @@ class Storage:
     async def read(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         """Run ``fn`` on the reader thread."""
         return await self._reader.run(functools.partial(fn, *args, **kwargs))
+
+    async def read_together(self, many: Callable[[list[A]], list[R | OrderError]], argument: A) -> R:
+        """``single(many, argument)`` on the reader thread; the calls of ``many`` queued together run as one,
+        with all their arguments (like ``Repository.get_orders``: one statement for many GetOrders)."""
+        return await self._reader.run(functools.partial(single, many, argument), together=Together(many, argument))
 
     async def open(self) -> None:
         """Connect, and create or check the schema; DatabaseUnusable if that cannot be done."""

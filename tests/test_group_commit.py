@@ -4,7 +4,8 @@ The writer first runs a batch without savepoints and, should a write fail, rolls
 it again with a savepoint per write. Creates queued together run as one ``Repository.create_orders``
 call, status changes as one ``Repository.change_statuses`` call (``Storage.write_together``). These
 tests hold the writer on a gate so that the writes behind it queue up and run as one batch, with a
-write among them that fails after writing part of its work.
+write among them that fails after writing part of its work. GetOrder reads queued together on the reader
+thread likewise run as one ``Repository.get_orders`` call (``Storage.read_together``).
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator
 
+import peewee
 import pytest
 
 from orders._proto.orders.v1 import Order
 from orders.domain import IDEMPOTENCY_WINDOW_US, NewItem, NewOrder, Status
-from orders.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
+from orders.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound, Unavailable
 from orders.storage_threads import Storage
 
 NEW = NewOrder((NewItem("widget", 2, 1999),), 3998, "USD")
@@ -36,12 +38,12 @@ async def storage(database_url: str) -> AsyncIterator[Storage]:
     await storage.close()
 
 
-async def run_as_one_batch(storage: Storage, writes: list) -> list:
+async def run_as_one_batch(storage: Storage, writes: list, *, on_reader: bool = False) -> list:
     """Queue ``writes`` (callables run on the writer, or awaitables that queue their own) behind a gate,
-    then release them together."""
+    then release them together; ``on_reader``: the gate holds the reader thread instead."""
     gate = threading.Event()
-    held = asyncio.ensure_future(storage.write(gate.wait, 10))
-    await asyncio.sleep(0.1)  # the writer is now waiting on the gate
+    held = asyncio.ensure_future((storage.read if on_reader else storage.write)(gate.wait, 10))
+    await asyncio.sleep(0.1)  # the thread is now waiting on the gate
     queued = [asyncio.ensure_future(w if asyncio.iscoroutine(w) else storage.write(w)) for w in writes]
     await asyncio.sleep(0.1)
     gate.set()
@@ -214,3 +216,35 @@ async def test_status_changes_queued_together_run_as_one_call_and_apply_in_turn(
     ]
     stored = [await storage.read(repository.get_order, order_id) for order_id in (x_id, y_id, z_id)]
     assert stored == [shipped[0], y, cancelled[0]]
+
+
+async def test_order_reads_queued_together_run_as_one_call_yet_each_gets_its_own_answer(storage: Storage) -> None:
+    repository = storage.repository
+    (x, _), (y, _) = [await storage.write(repository.create_order, order, None) for order in (NEW, OTHER)]
+    x_id, y_id = Order.parse(x).id, Order.parse(y).id
+    missing_id = "00000000-0000-7000-8000-000000000000"
+    calls: list[list[str]] = []
+
+    def get_orders(order_ids: list[str]) -> list:
+        calls.append(order_ids)
+        return repository.get_orders(order_ids)
+
+    reads = [storage.read_together(get_orders, order_id) for order_id in (x_id, missing_id, y_id, x_id)]
+
+    first, missing, second, again = await run_as_one_batch(storage, reads, on_reader=True)
+
+    assert calls == [[x_id, missing_id, y_id, x_id]]
+    assert (first, second, again) == (x, y, x)
+    assert isinstance(missing, NotFound) and missing_id in str(missing)
+
+
+async def test_order_reads_queued_together_all_get_the_error_of_their_call(storage: Storage) -> None:
+    def unreachable(order_ids: list[str]) -> list:
+        raise peewee.OperationalError("unable to open database file")
+
+    reads = [storage.read_together(unreachable, order_id) for order_id in ("a", "b")]
+
+    outcomes = await run_as_one_batch(storage, reads, on_reader=True)
+
+    assert [type(outcome) for outcome in outcomes] == [Unavailable, Unavailable]
+    assert all("unable to open database file" in str(outcome) for outcome in outcomes)
