@@ -219,6 +219,31 @@ async def test_concurrent_creates_with_distinct_request_ids_all_succeed_once(ser
     assert {r.id for r in results} == {o.id for o in listed}
 
 
+async def test_concurrent_reads_each_get_their_own_order_or_not_found(server, stubs):
+    """GetOrders arriving together are read in batches (one statement each); each still gets its own answer."""
+    repository = server.storage.repository
+    batches: list[int] = []
+    get_orders = repository.get_orders
+
+    def counting(order_ids: list[str]) -> list:
+        batches.append(len(order_ids))
+        return get_orders(order_ids)
+
+    repository.get_orders = counting
+    created = [await create(stubs[0]) for _ in range(5)]
+    unknown_ids = [str(uuid.uuid4()) for _ in range(2)]
+    asked = [order.id for order in created] + unknown_ids
+    calls = [
+        (order_id, outcome(stub.get_order(GetOrderRequest(id=order_id))))
+        for i, stub in enumerate(stubs)
+        for order_id in asked[i % len(asked) :] + asked[: i % len(asked)]
+    ]
+    results = await asyncio.gather(*(call for _, call in calls))
+    expected = {order.id: order for order in created} | {order_id: Status.NOT_FOUND for order_id in unknown_ids}
+    assert results == [expected[order_id] for order_id, _ in calls]
+    assert sum(batches) == len(calls) and max(batches) > 1
+
+
 async def test_conflicting_request_id_reuse_under_contention(server, stubs):
     """The same request_id with two different requests: one wins, the other request's callers get
     ALREADY_EXISTS, and there is exactly one order."""
