@@ -121,12 +121,6 @@ class DatabaseThread:
             outcomes += [(job.future, result, error) for job, (result, error) in zip(group, results, strict=True)]
         return outcomes
 
-    def _run_one(self, job: _Job) -> Outcome:
-        try:
-            return job.future, call_translating_errors(self.database, job.fn), None
-        except Exception as exc:
-            return job.future, None, exc
-
 
 class _RunWithSavepoints(Exception):
     """A job of a batch run without savepoints failed: roll the batch back and run it again with them."""
@@ -156,6 +150,12 @@ class GroupCommitWriter(DatabaseThread):
         if len(jobs) <= 1:
             return outcomes + [self._run_one(job) for job in jobs]
         return outcomes + (self._run_together(jobs, savepoints=False) or self._run_together(jobs, savepoints=True))
+
+    def _run_one(self, job: _Job) -> Outcome:
+        try:
+            return job.future, call_translating_errors(self.database, job.fn), None
+        except Exception as exc:
+            return job.future, None, exc
 
     def _run_together(self, jobs: list[_Job], *, savepoints: bool) -> list[Outcome] | None:
         """The jobs' outcomes, run in one transaction; None if, without savepoints, one of them failed."""
