@@ -1,8 +1,8 @@
-"""Server subprocesses: start one, learn its port, sample its memory and CPU, stop it.
+"""Server subprocesses: start one, learn its port, sample its memory, CPU and disk writes, stop it.
 
-Memory is read from ``/proc/<pid>/status`` (VmRSS) and CPU time from ``/proc/<pid>/stat``, summed
-over the process and its descendants (so a future ``--workers N`` server is measured whole); no
-psutil needed. On a system without ``/proc`` the samples are simply missing.
+Memory is read from ``/proc/<pid>/status`` (VmRSS), CPU time from ``/proc/<pid>/stat`` and bytes written
+to storage from ``/proc/<pid>/io``, summed over the process and its descendants (so a ``--workers N``
+server is measured whole); no psutil needed. On a system without ``/proc`` the samples are simply missing.
 """
 
 from __future__ import annotations
@@ -156,9 +156,36 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
+def written_bytes(pid: int) -> int:
+    """Bytes one process caused to be written to storage, ``write_bytes`` of /proc (0 if unreadable)."""
+    try:
+        with open(f"/proc/{pid}/io") as io:
+            for line in io:
+                if line.startswith("write_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+@dataclass(frozen=True)
+class Used:
+    """What a process tree used over a stretch of time: CPU seconds and bytes written to storage."""
+
+    cpu_seconds: float = 0.0
+    written_bytes: int = 0
+
+    def __add__(self, other: Used) -> Used:
+        return Used(self.cpu_seconds + other.cpu_seconds, self.written_bytes + other.written_bytes)
+
+    def __sub__(self, other: Used) -> Used:
+        return Used(self.cpu_seconds - other.cpu_seconds, self.written_bytes - other.written_bytes)
+
+
 @dataclass
 class ResourceSampler:
-    """Samples a process tree's RSS every ``interval`` s on a thread, and its CPU time on demand."""
+    """Samples a process tree's RSS every ``interval`` s on a thread, and its CPU time and disk writes on
+    demand."""
 
     pid: int
     interval: float = 0.1
@@ -175,9 +202,10 @@ class ResourceSampler:
         self.last_rss = sum(rss_bytes(p) for p in pids)
         self.peak_rss = max(self.peak_rss, self.last_rss)
 
-    def cpu(self) -> float:
-        """CPU seconds used so far by the process tree."""
-        return sum(cpu_seconds(p) for p in process_tree(self.pid))
+    def used(self) -> Used:
+        """CPU seconds and bytes written so far by the process tree."""
+        pids = process_tree(self.pid)
+        return Used(sum(cpu_seconds(p) for p in pids), sum(written_bytes(p) for p in pids))
 
     def start(self) -> None:
         """Start sampling in the background."""

@@ -83,6 +83,7 @@ class ServerUsage:
     window: float
     processes: int
     exit_status: int | None
+    written_bytes: int = 0  # to storage (WAL, checkpoints, logs), in the measurement window
 
     def as_dict(self) -> dict[str, Any]:
         """JSON form."""
@@ -91,6 +92,7 @@ class ServerUsage:
             "cpu_percent": round(100 * self.cpu_seconds / self.window, 1) if self.window else None,
             "processes": self.processes,
             "exit_status": self.exit_status,
+            "written_mb": round(self.written_bytes / MIB, 2),
         }
 
 
@@ -108,7 +110,7 @@ def rounded(summary: Mapping[str, float | int]) -> dict[str, float | int | None]
 def unary_report(result: LoadResult, usage: ServerUsage | None) -> dict[str, Any]:
     """The JSON form of one unary scenario's (or the baseline's) measurements; see :func:`add_ratios`.
 
-    Besides RPS, it gives the server's CPU time per (timed) call.
+    Besides RPS, it gives the server's CPU time and the bytes it wrote to storage per (timed) call.
     """
     total = result.total
     rps = total.count / result.window if result.window else 0.0
@@ -137,6 +139,9 @@ def unary_report(result: LoadResult, usage: ServerUsage | None) -> dict[str, Any
     if usage is not None:
         report["server"] = usage.as_dict()
         report["server"]["cpu_ms_per_call"] = round(1000 * usage.cpu_seconds / total.count, 4) if total.count else None
+        report["server"]["written_kb_per_call"] = (
+            round(usage.written_bytes / 1024 / total.count, 3) if total.count else None
+        )
     return report
 
 
@@ -208,6 +213,7 @@ def add_reference(scenario: dict[str, Any], reference_rounds: Sequence[dict[str,
         "errors": median["errors"],
         "error_codes": median["error_codes"],
         "cpu_ms_per_call": (median.get("server") or {}).get("cpu_ms_per_call"),
+        "written_kb_per_call": (median.get("server") or {}).get("written_kb_per_call"),
         "rounds": [r.get("ratio_to_baseline") for r in reference_rounds],
     }
     ours, theirs = scenario.get("ratio_to_baseline"), median.get("ratio_to_baseline")
@@ -366,7 +372,8 @@ def _reference_line(scenario: Mapping[str, Any]) -> str:
     errors = f", {reference['errors']} errors" if reference["errors"] else ""
     return (
         f"{'':<10} on bench.reference (grpcio + sqlite3): {_fmt(reference['rps'])} RPS, x base "
-        f"{_fmt(reference['ratio_to_baseline'], '.2f')}, p50 {_fmt(reference['p50_ms'], '.2f')} ms{errors}; "
+        f"{_fmt(reference['ratio_to_baseline'], '.2f')}, p50 {_fmt(reference['p50_ms'], '.2f')} ms, "
+        f"{_fmt(reference.get('written_kb_per_call'), '.2f')} KB written per call{errors}; "
         f"the orders server does {_fmt(scenario.get('x_reference'), '.2f')}x its throughput"
     )
 
@@ -385,7 +392,8 @@ def table(report: Mapping[str, Any]) -> str:
     )
     header = (
         f"{'scenario':<10} {'RPS':>9} {'x base':>7} {'p50 ms':>8} {'p99 ms':>8} {'p99.9':>8} {'p99/p50':>7} "
-        f"{'errors':>6} {'srv CPU':>7} {'gen CPU':>7} {'RSS MB':>7} {'cpu ms/call':>11} {'x base':>6}"
+        f"{'errors':>6} {'srv CPU':>7} {'gen CPU':>7} {'RSS MB':>7} {'cpu ms/call':>11} {'x base':>6} "
+        f"{'disk KB/call':>12}"
     )
     lines += [header, "-" * len(header)]
     rows = {"baseline": report.get("baseline") or {}, **report.get("scenarios", {})}
@@ -419,7 +427,8 @@ def table(report: Mapping[str, Any]) -> str:
             f"{_fmt(lat.get('p99_9_ms'), '.2f'):>8} "
             f"{_fmt(s.get('p99_over_p50')):>7} {s['errors']:>6} {_fmt(server.get('cpu_percent')):>6}% "
             f"{_fmt(s.get('generator_cpu_percent')):>6}% {_fmt(server.get('peak_rss_mb')):>7} "
-            f"{_fmt(server.get('cpu_ms_per_call'), '.3f'):>11} {_fmt(s.get('cpu_ratio_to_baseline'), '.2f'):>6}"
+            f"{_fmt(server.get('cpu_ms_per_call'), '.3f'):>11} {_fmt(s.get('cpu_ratio_to_baseline'), '.2f'):>6} "
+            f"{_fmt(server.get('written_kb_per_call'), '.2f'):>12}"
         )
         if s["errors"]:
             lines.append(f"{'':<10} errors: {', '.join(f'{k} x{v}' for k, v in s['error_codes'].items())}")

@@ -33,7 +33,7 @@ from bench import report
 from bench.db import Databases, backend_info, check_server_url, event_log_head, events_per_order, sqlite_path
 from bench.load import LoadResult, drive, split
 from bench.preload import PreloadResult, preload
-from bench.procs import ResourceSampler, ServerFailed, ServerProcess
+from bench.procs import ResourceSampler, ServerFailed, ServerProcess, Used
 from bench.scenarios import UNARY_SCENARIOS, ScenarioData
 from bench.watch import (
     WatcherResult,
@@ -206,36 +206,38 @@ def running(module: str, args: Sequence[str], log_path: Path) -> Iterator[tuple[
         server.stop()
 
 
-class _CpuWindow:
-    """Reads a process tree's CPU time at the start and end of the measurement window."""
+class _UsageWindow:
+    """Reads a process tree's CPU time and disk writes at the start and end of the measurement window."""
 
     def __init__(self, sampler: ResourceSampler, measure_from: float, measure_to: float) -> None:
-        self.seconds = 0.0
+        self.used = Used()
         self._task = asyncio.ensure_future(self._measure(sampler, measure_from, measure_to))
 
     async def _measure(self, sampler: ResourceSampler, measure_from: float, measure_to: float) -> None:
         await asyncio.sleep(max(0.0, measure_from - time.monotonic()))
-        began = sampler.cpu()
+        began = sampler.used()
         await asyncio.sleep(max(0.0, measure_to - time.monotonic()))
-        self.seconds = sampler.cpu() - began
+        self.used = sampler.used() - began
 
-    async def result(self) -> float:
+    async def result(self) -> Used:
         await self._task
-        return self.seconds
+        return self.used
 
 
-def _usage(sampler: ResourceSampler, cpu_seconds: float, window: float, exit_status: int | None) -> report.ServerUsage:
-    return report.ServerUsage(sampler.peak_rss, cpu_seconds, window, sampler.processes, exit_status)
+def _usage(sampler: ResourceSampler, used: Used, window: float, exit_status: int | None) -> report.ServerUsage:
+    return report.ServerUsage(
+        sampler.peak_rss, used.cpu_seconds, window, sampler.processes, exit_status, used.written_bytes
+    )
 
 
 async def drive_measured(
     ctx: Context, scenario: str, port: int, sampler: ResourceSampler, data: ScenarioData
-) -> tuple[LoadResult, float]:
-    """Drive ``scenario`` against the server on ``port``; return the load and its CPU seconds in the window."""
+) -> tuple[LoadResult, Used]:
+    """Drive ``scenario`` against the server on ``port``; return the load and what the server used in the window."""
     args = ctx.args
     lead_in = 0.5 if ctx.pool is not None and args.procs > 1 else 0.0
     start = time.monotonic() + lead_in
-    cpu = _CpuWindow(sampler, start + args.warmup, start + args.warmup + args.duration)
+    usage = _UsageWindow(sampler, start + args.warmup, start + args.warmup + args.duration)
     result = await drive(
         scenario,
         HOST,
@@ -251,7 +253,7 @@ async def drive_measured(
         processes=args.procs,
         seed=args.seed,
     )
-    return result, await cpu.result()
+    return result, await usage.result()
 
 
 async def measure_unary(
@@ -259,8 +261,8 @@ async def measure_unary(
 ) -> tuple[LoadResult, report.ServerUsage]:
     """Start a server, drive ``scenario`` against it, stop it; return the load and server measurements."""
     with running(module, server_args, ctx.tmp / f"{log_name}.log") as (server, sampler):
-        result, cpu_seconds = await drive_measured(ctx, scenario, server.port, sampler, data)
-    return result, _usage(sampler, cpu_seconds, ctx.args.duration, _exit_status(server))
+        result, used = await drive_measured(ctx, scenario, server.port, sampler, data)
+    return result, _usage(sampler, used, ctx.args.duration, _exit_status(server))
 
 
 def _exit_status(server: ServerProcess) -> int | None:
@@ -292,7 +294,7 @@ async def measure_watch(ctx: Context, preloaded: PreloadResult) -> dict[str, Any
         write_from = time.monotonic() + connect_allowance
         measure_from = write_from + args.warmup
         measure_to = measure_from + args.duration
-        cpu = _CpuWindow(sampler, measure_from, measure_to)
+        usage_window = _UsageWindow(sampler, measure_from, measure_to)
         procs = max(1, min(args.watch_procs, watchers))
         shares = split(watchers, procs)
         filters = watch_filters(preloaded.sample_ids, watchers, args.watch_orders)
@@ -340,8 +342,8 @@ async def measure_watch(ctx: Context, preloaded: PreloadResult) -> dict[str, Any
         seen = WatcherResult()
         for part in await asyncio.gather(*watching):
             seen.merge(part)
-        cpu_seconds = await cpu.result()
-    usage = _usage(sampler, cpu_seconds, args.duration, _exit_status(server))
+        used = await usage_window.result()
+    usage = _usage(sampler, used, args.duration, _exit_status(server))
     events = sum(counts.values())
     owed = owed_events(counts, filters, seen.watchers)
     missed = missed_events(owed, seen.received_each)
@@ -425,17 +427,17 @@ async def measure_scale(ctx: Context) -> dict[str, Any]:
             result[size_name] = {}
         for call in ("get", "list"):
             loads = {size_name: LoadResult(window=0.0) for size_name in sizes}
-            cpu = dict.fromkeys(sizes, 0.0)
+            used = dict.fromkeys(sizes, Used())
             for size_name in order:
                 ctx.log(f"scale: {call} on {sizes[size_name]:,} orders ...")
                 server, sampler = servers[size_name]
-                load, cpu_seconds = await drive_measured(ctx, call, server.port, sampler, data[size_name])
+                load, used_once = await drive_measured(ctx, call, server.port, sampler, data[size_name])
                 loads[size_name].merge(load)
                 loads[size_name].window += load.window
-                cpu[size_name] += cpu_seconds
+                used[size_name] += used_once
             for size_name in sizes:
                 server, sampler = servers[size_name]
-                usage = _usage(sampler, cpu[size_name], loads[size_name].window, None)
+                usage = _usage(sampler, used[size_name], loads[size_name].window, None)
                 result[size_name][call] = report.unary_report(loads[size_name], usage)
     result["ratios"] = {}
     for call in ("get", "list"):

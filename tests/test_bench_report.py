@@ -1,12 +1,18 @@
-"""The benchmark's ratios: each unary scenario is compared with the baseline runs measured around it."""
+"""The benchmark's ratios (each unary scenario is compared with the baseline runs measured around it)
+and the server's resources it reports per call."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bench import report
+from bench.hist import Histogram
+from bench.load import LoadResult
+from bench.procs import written_bytes
 
 pytestmark = pytest.mark.database_free
 
@@ -106,3 +112,29 @@ def test_a_failed_reference_run_fails_its_target_and_says_why() -> None:
     [target] = _judged(ours)
     assert target.passed is None and target.measured == "bench.reference exited with status 1"
     assert "FAILED: bench.reference exited" in report._reference_line(ours)
+
+
+_MACHINE = {"cores": 2, "python": "3.11.7", "versions": {"grpclib": "0.4.9"}, "sqlite": "3.40.1"}
+_CONFIG = {"concurrency": 32, "channels": 1, "procs": 1, "client": "upb", "duration": 2.0, "warmup": 1.0}
+
+
+def test_the_bytes_a_process_writes_to_storage_are_read_from_proc(tmp_path: Path) -> None:
+    before = written_bytes(os.getpid())
+    (tmp_path / "megabyte").write_bytes(os.urandom(1 << 20))
+    assert written_bytes(os.getpid()) - before >= 1 << 20
+    assert written_bytes(2**22 + 1) == 0  # no such process: nothing to report, not an error
+
+
+def test_a_scenario_reports_the_server_s_disk_writes_per_call_in_the_json_and_the_table() -> None:
+    histogram = Histogram()
+    for _ in range(400):
+        histogram.record(0.010)
+    load = LoadResult(window=2.0, histograms={"create": histogram})
+    usage = report.ServerUsage(50 << 20, 1.0, 2.0, 1, 0, written_bytes=4096 * 1000)
+    scenario = report.unary_report(load, usage)
+    assert scenario["server"]["written_kb_per_call"] == 10.0  # 4,000 KB over 400 calls
+    assert scenario["server"]["written_mb"] == 3.91
+    table = report.table({"machine": _MACHINE, "config": _CONFIG, "scenarios": {"create": scenario}, "targets": []})
+    header, _, row = table.splitlines()[1:4]
+    assert header.split()[-2:] == ["disk", "KB/call"]
+    assert row.split()[0] == "create" and row.split()[-1] == "10.00"
