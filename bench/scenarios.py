@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import collections
 import random
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from bench.api import ITEM_SETS, Api
-from orders.domain import encode_page_token
+from orders.domain import encode_page_token, new_id
 
 T = TypeVar("T")
 
@@ -53,7 +52,7 @@ Step = Callable[[], Awaitable[None]]
 
 
 def _request_id(data: ScenarioData) -> str:
-    return uuid.uuid4().hex if data.request_ids else ""
+    return new_id() if data.request_ids else ""
 
 
 class _Walker:

@@ -34,7 +34,6 @@ import os
 import random
 import re
 import ssl
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -59,6 +58,7 @@ from orders._proto.orders.v1 import (
     UpdateOrderStatusRequest,
 )
 from orders.auth import add_token, check_token, client_ssl_context, is_loopback, keep_headers_out_of_logs
+from orders.domain import new_id
 from orders.errors import DeadlineExceeded, OrderError, Unavailable, error_for
 
 R = TypeVar("R")
@@ -225,7 +225,8 @@ class OrderClient:
     ) -> Order:
         """Create an order; ``total_amount`` 0 lets the server compute it, ``currency_code`` "" is USD.
 
-        ``request_id`` is the idempotency key: the same key and request return the original order.
+        ``request_id`` is the idempotency key: the same key and request return the original order. The
+        default is a fresh version-7 UUID: time-ordered, so the server's index of keys grows at its end.
         """
         request = CreateOrderRequest(
             items=[
@@ -236,7 +237,7 @@ class OrderClient:
             ],
             total_amount=total_amount,
             currency_code=currency_code,
-            request_id=request_id or str(uuid.uuid4()),
+            request_id=request_id or new_id(),
         )
         response = await self._unary(lambda stub: stub.create_order, request, timeout, retry=True)
         return response.order

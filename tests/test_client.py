@@ -28,6 +28,7 @@ from orders import (
     Unavailable,
 )
 from orders.errors import DeadlineExceeded
+from orders.storage import open_database
 
 FAST_RETRY = RetryPolicy(attempts=60, initial_backoff=0.02, max_backoff=0.2)
 
@@ -80,6 +81,27 @@ async def test_list_filters_by_status_across_pages(server, client):
         await client.update_status(order_id, OrderStatus.CONFIRMED)
     confirmed = [o.id async for o in client.list(statuses=[OrderStatus.CONFIRMED], page_size=2)]
     assert confirmed == ids[::3]
+
+
+# --- request ids ----------------------------------------------------------------------------------
+
+
+async def test_a_create_without_a_request_id_sends_a_fresh_time_ordered_one(server, client):
+    """The default idempotency keys are version-7 UUIDs, one per create, in the order they were made:
+    the server's index of keys then grows at its end instead of at a random page per create."""
+    before_ms = time.time_ns() // 1_000_000
+    orders = [await client.create([Item("Pen", 1, 1.0)]) for _ in range(3)]
+    after_ms = time.time_ns() // 1_000_000
+    database = open_database(server.config.db)
+    try:
+        keys = dict(database.execute_sql('SELECT order_id, "key" FROM idempotency_key').fetchall())
+    finally:
+        database.close()
+    sent = [uuid.UUID(keys[order.id]) for order in orders]
+    assert [key.version for key in sent] == [7, 7, 7]
+    assert len(set(sent)) == 3
+    unix_ms = [key.int >> 80 for key in sent]
+    assert before_ms <= unix_ms[0] <= unix_ms[1] <= unix_ms[2] <= after_ms
 
 
 # --- the error family -----------------------------------------------------------------------------
