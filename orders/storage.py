@@ -30,8 +30,9 @@ from orders import domain, wire
 from orders.domain import Item, ListQuery, NewOrder, Order, Status, StatusEvent
 from orders.errors import Aborted, AlreadyExists, NotFound, OrderError
 
-SCHEMA_VERSION = 2  # 2: order.encoded
+SCHEMA_VERSION = 3  # 2: order.encoded; 3: no index on idempotency_key.created_us
 DEFAULT_DB_URL = "sqlite:///orders.db"
+KEY_TIME_INDEX = "idempotency_key_created_us"  # schema 1 and 2 had it; see Repository._drop_key_time_index
 # PostgreSQL: the advisory lock every write transaction holds ("orders.w" as a bigint), and the channel
 # (orders_events) a commit that appended events notifies, so every replica's feed reads the log at once
 # instead of at its next poll.
@@ -136,7 +137,7 @@ class IdempotencyRow(_Model):
     key = peewee.CharField(max_length=domain.MAX_REQUEST_ID_LENGTH, primary_key=True)
     fingerprint = peewee.CharField(max_length=64)
     order_id = peewee.CharField(max_length=36)
-    created_us = peewee.BigIntegerField(index=True)
+    created_us = peewee.BigIntegerField()  # read only with its key: a key past the window is taken over
 
     class Meta:
         table_name = "idempotency_key"
@@ -379,8 +380,10 @@ class Repository:
                 raise DatabaseUnusable(
                     f"database schema version {found} is newer than this server's {SCHEMA_VERSION}; upgrade orders"
                 )
-            elif found < SCHEMA_VERSION:  # 1: before order.encoded
-                self._add_encoded_orders()
+            elif found < SCHEMA_VERSION:
+                if found < 2:
+                    self._add_encoded_orders()
+                self._drop_key_time_index()
                 self._schema.update(version=SCHEMA_VERSION).execute()
 
     def _add_encoded_orders(self) -> None:
@@ -413,6 +416,11 @@ class Repository:
             )
             encoded += len(rows)
         log.info("schema upgrade done: %d orders encoded", encoded)
+
+    def _drop_key_time_index(self) -> None:
+        """Schema 2 → 3: drop the index on ``idempotency_key.created_us``, which no query reads and every
+        create paid for (about 9 % of the pages a commit of creates writes)."""
+        self.database.execute_sql(f'DROP INDEX IF EXISTS "{KEY_TIME_INDEX}"')
 
     # --- writes ------------------------------------------------------------------------------
 

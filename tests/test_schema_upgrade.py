@@ -3,15 +3,16 @@ written by a newer schema is refused.
 
 Schema 1 had no ``order.encoded``: the test writes orders through a server, takes the database back to
 schema 1 (drops the column, records version 1), and checks that a server opening it answers every read
-with exactly what it answered before, and goes on writing.
+with exactly what it answered before, and goes on writing. Schema 2 had an index on the idempotency keys'
+creation times that no query read: a server opening such a database drops it, and keys work as before.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from orders import Item, OrderClient, OrderStatus
-from orders.storage import SCHEMA_VERSION, DatabaseUnusable, Repository, open_database
+from orders import AlreadyExists, Item, OrderClient, OrderStatus
+from orders.storage import KEY_TIME_INDEX, SCHEMA_VERSION, DatabaseUnusable, Repository, open_database
 from orders.testing import serve
 
 
@@ -30,6 +31,14 @@ def stored_schema(url: str) -> list[tuple[int, ...]]:
     database = open_database(url)
     try:
         return [tuple(row) for row in database.execute_sql("SELECT version FROM schema_version").fetchall()]
+    finally:
+        database.close()
+
+
+def key_indexes(url: str) -> set[str]:
+    database = open_database(url)
+    try:
+        return {index.name for index in database.get_indexes("idempotency_key")}
     finally:
         database.close()
 
@@ -57,6 +66,21 @@ async def test_a_schema_1_database_is_upgraded_and_serves_its_orders_unchanged(d
         assert (shipped.status, shipped.version, shipped.items) == (OrderStatus.SHIPPED, 3, before[0][0].items)
         fourth = await client.create([("mug", 1, 7.0)])
         assert [order.id async for order in client.list()] == [*order_ids, fourth.id]
+    assert stored_schema(database_url) == [(SCHEMA_VERSION,)]
+
+
+async def test_a_schema_2_database_loses_its_unused_index_and_keeps_its_idempotency_keys(database_url: str) -> None:
+    async with serve(database_url) as client:
+        order = await client.create([("pen", 1, 1.5)], request_id="key-1")
+    set_schema(database_url, 2, f'CREATE INDEX "{KEY_TIME_INDEX}" ON idempotency_key (created_us)')
+    assert KEY_TIME_INDEX in key_indexes(database_url)
+
+    async with serve(database_url) as client:
+        assert await client.create([("pen", 1, 1.5)], request_id="key-1") == order  # a retry: the same order
+        with pytest.raises(AlreadyExists):
+            await client.create([("ink", 1, 2.0)], request_id="key-1")
+        assert (await client.create([("ink", 1, 2.0)], request_id="key-2")).id != order.id
+    assert KEY_TIME_INDEX not in key_indexes(database_url)
     assert stored_schema(database_url) == [(SCHEMA_VERSION,)]
 
 
