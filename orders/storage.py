@@ -33,6 +33,7 @@ from orders.errors import Aborted, AlreadyExists, NotFound, OrderError
 SCHEMA_VERSION = 3  # 2: order.encoded; 3: no index on idempotency_key.created_us
 DEFAULT_DB_URL = "sqlite:///orders.db"
 KEY_TIME_INDEX = "idempotency_key_created_us"  # schema 1 and 2 had it; see Repository._drop_key_time_index
+DROP_KEY_TIME_INDEX_SQL = 'DROP INDEX IF EXISTS "idempotency_key_created_us"'
 # PostgreSQL: the advisory lock every write transaction holds ("orders.w" as a bigint), and the channel
 # (orders_events) a commit that appended events notifies, so every replica's feed reads the log at once
 # instead of at its next poll.
@@ -420,7 +421,7 @@ class Repository:
     def _drop_key_time_index(self) -> None:
         """Schema 2 → 3: drop the index on ``idempotency_key.created_us``, which no query reads and every
         create paid for (about 9 % of the pages a commit of creates writes)."""
-        self.database.execute_sql(f'DROP INDEX IF EXISTS "{KEY_TIME_INDEX}"')
+        self.database.execute_sql(DROP_KEY_TIME_INDEX_SQL)
 
     # --- writes ------------------------------------------------------------------------------
 
