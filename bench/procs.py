@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 
 _STARTED = re.compile(rb"Server started on port (\d+)")
@@ -147,8 +147,18 @@ def rss_bytes(pid: int) -> int:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of one process in seconds (0 if it is gone)."""
+    return _stat_cpu_seconds(f"/proc/{pid}/stat")
+
+
+def main_thread_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process's main thread, where an asyncio server runs its event loop,
+    in seconds (0 if it is gone)."""
+    return _stat_cpu_seconds(f"/proc/{pid}/task/{pid}/stat")
+
+
+def _stat_cpu_seconds(path: str) -> float:
     try:
-        with open(f"/proc/{pid}/stat") as stat:
+        with open(path) as stat:
             fields = stat.read().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
@@ -170,16 +180,18 @@ def written_bytes(pid: int) -> int:
 
 @dataclass(frozen=True)
 class Used:
-    """What a process tree used over a stretch of time: CPU seconds and bytes written to storage."""
+    """What a process tree used over a stretch of time: CPU seconds (in all, and in its processes' main
+    threads) and bytes written to storage."""
 
     cpu_seconds: float = 0.0
     written_bytes: int = 0
+    main_thread_cpu_seconds: float = 0.0
 
     def __add__(self, other: Used) -> Used:
-        return Used(self.cpu_seconds + other.cpu_seconds, self.written_bytes + other.written_bytes)
+        return Used(*(mine + theirs for mine, theirs in zip(astuple(self), astuple(other), strict=True)))
 
     def __sub__(self, other: Used) -> Used:
-        return Used(self.cpu_seconds - other.cpu_seconds, self.written_bytes - other.written_bytes)
+        return Used(*(mine - theirs for mine, theirs in zip(astuple(self), astuple(other), strict=True)))
 
 
 @dataclass
@@ -203,9 +215,13 @@ class ResourceSampler:
         self.peak_rss = max(self.peak_rss, self.last_rss)
 
     def used(self) -> Used:
-        """CPU seconds and bytes written so far by the process tree."""
+        """CPU seconds (in all and in main threads) and bytes written so far by the process tree."""
         pids = process_tree(self.pid)
-        return Used(sum(cpu_seconds(p) for p in pids), sum(written_bytes(p) for p in pids))
+        return Used(
+            sum(cpu_seconds(p) for p in pids),
+            sum(written_bytes(p) for p in pids),
+            sum(main_thread_cpu_seconds(p) for p in pids),
+        )
 
     def start(self) -> None:
         """Start sampling in the background."""

@@ -226,7 +226,13 @@ class _UsageWindow:
 
 def _usage(sampler: ResourceSampler, used: Used, window: float, exit_status: int | None) -> report.ServerUsage:
     return report.ServerUsage(
-        sampler.peak_rss, used.cpu_seconds, window, sampler.processes, exit_status, used.written_bytes
+        sampler.peak_rss,
+        used.cpu_seconds,
+        window,
+        sampler.processes,
+        exit_status,
+        used.written_bytes,
+        used.main_thread_cpu_seconds,
     )
 
 

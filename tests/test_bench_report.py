@@ -4,6 +4,8 @@ and the server's resources it reports per call."""
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ import pytest
 from bench import report
 from bench.hist import Histogram
 from bench.load import LoadResult
-from bench.procs import written_bytes
+from bench.procs import Used, cpu_seconds, main_thread_cpu_seconds, written_bytes
 
 pytestmark = pytest.mark.database_free
 
@@ -138,3 +140,39 @@ def test_a_scenario_reports_the_server_s_disk_writes_per_call_in_the_json_and_th
     header, _, row = table.splitlines()[1:4]
     assert header.split()[-2:] == ["disk", "KB/call"]
     assert row.split()[0] == "create" and row.split()[-1] == "10.00"
+
+
+def _burn(seconds: float) -> None:
+    until = time.thread_time() + seconds
+    while time.thread_time() < until:
+        pass
+
+
+def test_the_cpu_of_a_process_s_main_thread_is_read_apart_from_its_other_threads() -> None:
+    process, main = cpu_seconds(os.getpid()), main_thread_cpu_seconds(os.getpid())
+    worker = threading.Thread(target=_burn, args=(0.3,))
+    worker.start()
+    worker.join()
+    _burn(0.1)
+    process_used, main_used = cpu_seconds(os.getpid()) - process, main_thread_cpu_seconds(os.getpid()) - main
+    assert process_used >= 0.35  # both threads' work, at clock-tick resolution
+    assert 0.05 <= main_used <= 0.25  # only the main thread's
+    assert main_thread_cpu_seconds(2**22 + 1) == 0.0  # no such process: nothing to report, not an error
+
+
+def test_what_a_process_tree_used_adds_up_and_subtracts_field_by_field() -> None:
+    assert Used(2.0, 300, 1.5) - Used(0.5, 100, 0.5) == Used(1.5, 200, 1.0)
+    assert Used(1.5, 200, 1.0) + Used(0.5, 100, 0.5) == Used(2.0, 300, 1.5)
+
+
+def test_a_scenario_reports_the_cpu_of_the_server_s_event_loop_thread_in_the_json_and_the_table() -> None:
+    histogram = Histogram()
+    histogram.record(0.010)
+    load = LoadResult(window=2.0, histograms={"create": histogram})
+    usage = report.ServerUsage(50 << 20, 1.8, 2.0, 1, 0, loop_cpu_seconds=1.3)
+    scenario = report.unary_report(load, usage)
+    assert (scenario["server"]["cpu_percent"], scenario["server"]["loop_cpu_percent"]) == (90.0, 65.0)
+    table = report.table({"machine": _MACHINE, "config": _CONFIG, "scenarios": {"create": scenario}, "targets": []})
+    header, _, row = table.splitlines()[1:4]
+    assert header.split()[11:15] == ["srv", "CPU", "loop", "CPU"]
+    assert row.split()[8:10] == ["90.0%", "65.0%"]
