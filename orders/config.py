@@ -12,9 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from orders.storage import DEFAULT_DB_URL
-
 MIB = 1024 * 1024
+DEFAULT_DB_URL = "sqlite:///orders.db"  # a file in the working directory
 
 
 def _option(

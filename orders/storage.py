@@ -31,7 +31,6 @@ from orders.domain import Item, ListQuery, NewOrder, Order, Status, StatusEvent
 from orders.errors import Aborted, AlreadyExists, NotFound, OrderError
 
 SCHEMA_VERSION = 3  # 2: order.encoded; 3: no index on idempotency_key.created_us
-DEFAULT_DB_URL = "sqlite:///orders.db"
 KEY_TIME_INDEX = "idempotency_key_created_us"  # schema 1 and 2 had it; see Repository._drop_key_time_index
 DROP_KEY_TIME_INDEX_SQL = 'DROP INDEX IF EXISTS "idempotency_key_created_us"'
 # PostgreSQL: the advisory lock every write transaction holds ("orders.w" as a bigint), and the channel

@@ -21,9 +21,9 @@ from typing import Any, ParamSpec, TypeVar
 
 import peewee
 
+from orders.config import DEFAULT_DB_URL
 from orders.errors import OrderError, Unavailable
 from orders.storage import (
-    DEFAULT_DB_URL,
     DatabaseUnusable,
     Repository,
     is_postgresql,

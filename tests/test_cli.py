@@ -307,6 +307,14 @@ def test_target_defaults_to_orders_target_env(target: str) -> None:
     assert_fails(result, "NOT_FOUND")
 
 
+def test_client_commands_start_without_loading_the_server_or_the_database_layer() -> None:
+    # Every client command pays for what the CLI imports: the server, peewee and the database drivers
+    # (more than half of a client command's start-up) are imported only by serve and demo.
+    code = "import sys, orders.cli; print(sorted({'orders.server', 'orders.storage', 'peewee'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT, check=True)
+    assert result.stdout.strip() == "[]"
+
+
 def test_bad_target_is_a_usage_error() -> None:
     result = orders("get", str(uuid.uuid4()), "--target", "no-port-here")
     assert result.returncode == 2
