@@ -21,7 +21,6 @@ from typing import Any, ParamSpec, TypeVar
 
 import peewee
 
-from orders.config import DEFAULT_DB_URL
 from orders.errors import OrderError, Unavailable
 from orders.storage import (
     DatabaseUnusable,
@@ -253,7 +252,7 @@ class Storage:
     """Runs repository calls off the event loop: writes on the group-commit writer thread, reads on a
     reader thread."""
 
-    def __init__(self, url: str = DEFAULT_DB_URL, *, retention_events: int = 0) -> None:
+    def __init__(self, url: str, *, retention_events: int = 0) -> None:
         self.url = url
         self.repository = Repository(open_database(url), retention_events)
         self._writer = GroupCommitWriter(self.repository)
