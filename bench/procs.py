@@ -1,7 +1,8 @@
 """Server subprocesses: start one, learn its port, sample its memory, CPU and disk writes, stop it.
 
-Memory is read from ``/proc/<pid>/status`` (VmRSS), CPU time from ``/proc/<pid>/stat`` and bytes written
-to storage from ``/proc/<pid>/io``, summed over the process and its descendants (so a ``--workers N``
+Memory is read from ``/proc/<pid>/status`` (VmRSS), CPU time from ``/proc/<pid>/stat``, the time its
+threads waited for a CPU from ``/proc/<pid>/task/<tid>/schedstat`` and bytes written to storage from
+``/proc/<pid>/io``, summed over the process and its descendants (so a ``--workers N``
 server is measured whole); no psutil needed. On a system without ``/proc`` the samples are simply missing.
 """
 
@@ -166,6 +167,23 @@ def _stat_cpu_seconds(path: str) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
+def cpu_wait_seconds(pid: int) -> float:
+    """Time the threads of one process spent ready to run but waiting for a CPU, in seconds, summed over
+    the threads alive now (0 if it is gone, or the kernel keeps no scheduler statistics)."""
+    waited_ns = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as schedstat:
+                waited_ns += int(schedstat.read().split()[1])  # on the CPU, waiting for it, time slices
+        except (OSError, IndexError, ValueError):
+            continue
+    return waited_ns / 1e9
+
+
 def written_bytes(pid: int) -> int:
     """Bytes one process caused to be written to storage, ``write_bytes`` of /proc (0 if unreadable)."""
     try:
@@ -181,11 +199,12 @@ def written_bytes(pid: int) -> int:
 @dataclass(frozen=True)
 class Used:
     """What a process tree used over a stretch of time: CPU seconds (in all, and in its processes' main
-    threads) and bytes written to storage."""
+    threads), bytes written to storage, and seconds its threads waited for a CPU."""
 
     cpu_seconds: float = 0.0
     written_bytes: int = 0
     main_thread_cpu_seconds: float = 0.0
+    cpu_wait_seconds: float = 0.0
 
     def __add__(self, other: Used) -> Used:
         return Used(*(mine + theirs for mine, theirs in zip(astuple(self), astuple(other), strict=True)))
@@ -215,12 +234,14 @@ class ResourceSampler:
         self.peak_rss = max(self.peak_rss, self.last_rss)
 
     def used(self) -> Used:
-        """CPU seconds (in all and in main threads) and bytes written so far by the process tree."""
+        """CPU seconds (in all and in main threads), bytes written and seconds waited for a CPU so far by the
+        process tree."""
         pids = process_tree(self.pid)
         return Used(
             sum(cpu_seconds(p) for p in pids),
             sum(written_bytes(p) for p in pids),
             sum(main_thread_cpu_seconds(p) for p in pids),
+            sum(cpu_wait_seconds(p) for p in pids),
         )
 
     def start(self) -> None:

@@ -85,6 +85,7 @@ class ServerUsage:
     exit_status: int | None
     written_bytes: int = 0  # to storage (WAL, checkpoints, logs), in the measurement window
     loop_cpu_seconds: float = 0.0  # of the main threads, where the event loops run, in the measurement window
+    cpu_wait_seconds: float = 0.0  # its threads spent ready to run but waiting for a CPU, in the window
 
     def as_dict(self) -> dict[str, Any]:
         """JSON form."""
@@ -92,6 +93,7 @@ class ServerUsage:
             "peak_rss_mb": round(self.peak_rss / MIB, 1),
             "cpu_percent": round(100 * self.cpu_seconds / self.window, 1) if self.window else None,
             "loop_cpu_percent": round(100 * self.loop_cpu_seconds / self.window, 1) if self.window else None,
+            "cpu_wait_percent": round(100 * self.cpu_wait_seconds / self.window, 1) if self.window else None,
             "processes": self.processes,
             "exit_status": self.exit_status,
             "written_mb": round(self.written_bytes / MIB, 2),
@@ -394,8 +396,8 @@ def table(report: Mapping[str, Any]) -> str:
     )
     header = (
         f"{'scenario':<10} {'RPS':>9} {'x base':>7} {'p50 ms':>8} {'p99 ms':>8} {'p99.9':>8} {'p99/p50':>7} "
-        f"{'errors':>6} {'srv CPU':>7} {'loop CPU':>8} {'gen CPU':>7} {'RSS MB':>7} {'cpu ms/call':>11} {'x base':>6} "
-        f"{'disk KB/call':>12}"
+        f"{'errors':>6} {'srv CPU':>7} {'loop CPU':>8} {'srv wait':>8} {'gen CPU':>7} {'RSS MB':>7} "
+        f"{'cpu ms/call':>11} {'x base':>6} {'disk KB/call':>12}"
     )
     lines += [header, "-" * len(header)]
     rows = {"baseline": report.get("baseline") or {}, **report.get("scenarios", {})}
@@ -411,7 +413,7 @@ def table(report: Mapping[str, Any]) -> str:
                 f"{'watch':<10} {_fmt(s['writer']['rate']):>9} {'':>7} {_fmt(d.get('p50_ms'), '.2f'):>8} "
                 f"{_fmt(d.get('p99_ms'), '.2f'):>8} {_fmt(d.get('p99_9_ms'), '.2f'):>8} {'':>7} {s['errors']:>6} "
                 f"{_fmt(s['server']['cpu_percent']):>6}% {_fmt(s['server']['loop_cpu_percent']):>7}% "
-                f"{_fmt(s['generator_cpu_percent']):>6}% "
+                f"{_fmt(s['server'].get('cpu_wait_percent')):>7}% {_fmt(s['generator_cpu_percent']):>6}% "
                 f"{_fmt(s['server']['peak_rss_mb']):>7}"
             )
             watching = "every order" if s["orders_per_watcher"] == "all" else f"{s['orders_per_watcher']} orders each"
@@ -429,7 +431,8 @@ def table(report: Mapping[str, Any]) -> str:
             f"{_fmt(lat.get('p50_ms'), '.2f'):>8} {_fmt(lat.get('p99_ms'), '.2f'):>8} "
             f"{_fmt(lat.get('p99_9_ms'), '.2f'):>8} "
             f"{_fmt(s.get('p99_over_p50')):>7} {s['errors']:>6} {_fmt(server.get('cpu_percent')):>6}% "
-            f"{_fmt(server.get('loop_cpu_percent')):>7}% {_fmt(s.get('generator_cpu_percent')):>6}% "
+            f"{_fmt(server.get('loop_cpu_percent')):>7}% {_fmt(server.get('cpu_wait_percent')):>7}% "
+            f"{_fmt(s.get('generator_cpu_percent')):>6}% "
             f"{_fmt(server.get('peak_rss_mb')):>7} "
             f"{_fmt(server.get('cpu_ms_per_call'), '.3f'):>11} {_fmt(s.get('cpu_ratio_to_baseline'), '.2f'):>6} "
             f"{_fmt(server.get('written_kb_per_call'), '.2f'):>12}"

@@ -233,6 +233,7 @@ def _usage(sampler: ResourceSampler, used: Used, window: float, exit_status: int
         exit_status,
         used.written_bytes,
         used.main_thread_cpu_seconds,
+        used.cpu_wait_seconds,
     )
 
 

@@ -4,6 +4,8 @@ and the server's resources it reports per call."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -14,7 +16,7 @@ import pytest
 from bench import report
 from bench.hist import Histogram
 from bench.load import LoadResult
-from bench.procs import Used, cpu_seconds, main_thread_cpu_seconds, written_bytes
+from bench.procs import Used, cpu_seconds, cpu_wait_seconds, main_thread_cpu_seconds, written_bytes
 
 pytestmark = pytest.mark.database_free
 
@@ -160,19 +162,55 @@ def test_the_cpu_of_a_process_s_main_thread_is_read_apart_from_its_other_threads
     assert main_thread_cpu_seconds(2**22 + 1) == 0.0  # no such process: nothing to report, not an error
 
 
+_BURN_ON_ONE_CPU = """
+import os, sys, time
+os.sched_setaffinity(0, {int(sys.argv[1])})
+until = time.thread_time() + 0.4
+while time.thread_time() < until:
+    pass
+print("burnt", flush=True)
+sys.stdin.readline()
+"""
+
+
+def _waited_for_a_cpu(burners: int) -> float:
+    """Seconds that ``burners`` processes, each burning 0.4 s of CPU on the same core, waited for it in all."""
+    cpu = min(os.sched_getaffinity(0))
+    started = [
+        subprocess.Popen(
+            [sys.executable, "-c", _BURN_ON_ONE_CPU, str(cpu)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(burners)
+    ]
+    try:
+        for burner in started:
+            assert burner.stdout is not None and burner.stdout.readline() == "burnt\n"
+        return sum(cpu_wait_seconds(burner.pid) for burner in started)
+    finally:
+        for burner in started:
+            burner.communicate("\n", timeout=10)
+
+
+def test_the_time_a_process_s_threads_waited_for_a_cpu_is_read_from_the_scheduler() -> None:
+    assert _waited_for_a_cpu(1) < 0.2  # alone on its core: it ran whenever it wanted to
+    assert _waited_for_a_cpu(2) >= 0.25  # two on one core: whichever ran, the other waited, about 0.4 s in all
+    assert cpu_wait_seconds(2**22 + 1) == 0.0  # no such process: nothing to report, not an error
+
+
 def test_what_a_process_tree_used_adds_up_and_subtracts_field_by_field() -> None:
-    assert Used(2.0, 300, 1.5) - Used(0.5, 100, 0.5) == Used(1.5, 200, 1.0)
-    assert Used(1.5, 200, 1.0) + Used(0.5, 100, 0.5) == Used(2.0, 300, 1.5)
+    assert Used(2.0, 300, 1.5, 0.75) - Used(0.5, 100, 0.5, 0.25) == Used(1.5, 200, 1.0, 0.5)
+    assert Used(1.5, 200, 1.0, 0.5) + Used(0.5, 100, 0.5, 0.25) == Used(2.0, 300, 1.5, 0.75)
 
 
-def test_a_scenario_reports_the_cpu_of_the_server_s_event_loop_thread_in_the_json_and_the_table() -> None:
+def test_a_scenario_reports_the_cpu_of_the_server_s_event_loop_thread_and_its_wait_for_a_cpu() -> None:
     histogram = Histogram()
     histogram.record(0.010)
     load = LoadResult(window=2.0, histograms={"create": histogram})
-    usage = report.ServerUsage(50 << 20, 1.8, 2.0, 1, 0, loop_cpu_seconds=1.3)
+    usage = report.ServerUsage(50 << 20, 1.8, 2.0, 1, 0, loop_cpu_seconds=1.3, cpu_wait_seconds=0.4)
     scenario = report.unary_report(load, usage)
-    assert (scenario["server"]["cpu_percent"], scenario["server"]["loop_cpu_percent"]) == (90.0, 65.0)
+    server = scenario["server"]
+    assert (server["cpu_percent"], server["loop_cpu_percent"], server["cpu_wait_percent"]) == (90.0, 65.0, 20.0)
     table = report.table({"machine": _MACHINE, "config": _CONFIG, "scenarios": {"create": scenario}, "targets": []})
     header, _, row = table.splitlines()[1:4]
-    assert header.split()[11:15] == ["srv", "CPU", "loop", "CPU"]
-    assert row.split()[8:10] == ["90.0%", "65.0%"]
+    assert header.split()[11:17] == ["srv", "CPU", "loop", "CPU", "srv", "wait"]
+    assert row.split()[8:11] == ["90.0%", "65.0%", "20.0%"]
