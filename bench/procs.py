@@ -1,4 +1,4 @@
-"""Server subprocesses: start one, learn its port, sample its memory, CPU and disk writes, stop it.
+"""Server subprocesses: start one, learn its port, sample its memory, CPU, CPU waits and disk writes, stop it.
 
 Memory is read from ``/proc/<pid>/status`` (VmRSS), CPU time from ``/proc/<pid>/stat``, the time its
 threads waited for a CPU from ``/proc/<pid>/task/<tid>/schedstat`` and bytes written to storage from

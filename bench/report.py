@@ -413,7 +413,7 @@ def table(report: Mapping[str, Any]) -> str:
                 f"{'watch':<10} {_fmt(s['writer']['rate']):>9} {'':>7} {_fmt(d.get('p50_ms'), '.2f'):>8} "
                 f"{_fmt(d.get('p99_ms'), '.2f'):>8} {_fmt(d.get('p99_9_ms'), '.2f'):>8} {'':>7} {s['errors']:>6} "
                 f"{_fmt(s['server']['cpu_percent']):>6}% {_fmt(s['server']['loop_cpu_percent']):>7}% "
-                f"{_fmt(s['server'].get('cpu_wait_percent')):>7}% {_fmt(s['generator_cpu_percent']):>6}% "
+                f"{_fmt(s['server']['cpu_wait_percent']):>7}% {_fmt(s['generator_cpu_percent']):>6}% "
                 f"{_fmt(s['server']['peak_rss_mb']):>7}"
             )
             watching = "every order" if s["orders_per_watcher"] == "all" else f"{s['orders_per_watcher']} orders each"
