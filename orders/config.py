@@ -8,12 +8,26 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 MIB = 1024 * 1024
 DEFAULT_DB_URL = "sqlite:///orders.db"  # a file in the working directory
+DATABASE_SCHEMES = ("sqlite", "postgres", "postgresql")  # the playhouse.db_url schemes the storage runs on
+
+
+def check_database_url(url: str) -> None:
+    """Raise ValueError, saying what to give instead, unless ``url`` names a database the server runs on."""
+    scheme = urllib.parse.urlsplit(url).scheme
+    if not scheme:
+        raise ValueError(f"the database is given as a URL: for the SQLite file {url} give sqlite:///{url}")
+    if scheme not in DATABASE_SCHEMES:
+        raise ValueError(
+            f"{scheme}:// is not a database this server runs on: give sqlite:///path/to/orders.db"
+            " or postgresql://user@host:5432/dbname"
+        )
 
 
 def _option(
@@ -37,7 +51,7 @@ class ServerConfig:
 
     host: str = _option("127.0.0.1", "address to bind; 0.0.0.0 or :: to serve a network")
     port: int = _option(50051, "port; 0 picks a free one")
-    db: str = _option(DEFAULT_DB_URL, "database URL in playhouse.db_url form")
+    db: str = _option(DEFAULT_DB_URL, "database URL: sqlite:///path/to/file.db or postgresql://user@host:port/dbname")
     log_level: str = _option("info", "log level", choices=["debug", "info", "warning", "error"])
     log_format: str = _option("text", "access and server log format", choices=["text", "json"])
     grace: float = _option(10.0, "seconds in-flight calls get to finish on shutdown")
@@ -58,6 +72,10 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together: give both or neither")
+        try:
+            check_database_url(self.db)
+        except ValueError as exc:
+            raise ValueError(f"--db: {exc}") from None
         if self.workers < 1:
             raise ValueError(f"--workers must be 1 or more, not {self.workers}")
         if self.retention_events < 0:

@@ -27,6 +27,7 @@ from playhouse import db_url
 from playhouse import migrate as playhouse_migrate
 
 from orders import domain, wire
+from orders.config import check_database_url
 from orders.domain import Item, ListQuery, NewOrder, Order, Status, StatusEvent
 from orders.errors import Aborted, AlreadyExists, NotFound, OrderError
 
@@ -155,7 +156,9 @@ MODELS: tuple[type[_Model], ...] = (OrderRow, ItemRow, EventRow, IdempotencyRow,
 
 def open_database(url: str) -> peewee.Database:
     """Open a database from a ``playhouse.db_url`` URL: SQLite with its durability settings, or PostgreSQL
-    (``postgresql://user@host:port/dbname``, needs the ``postgres`` extra) with a connect timeout."""
+    (``postgresql://user@host:port/dbname``, needs the ``postgres`` extra) with a connect timeout.
+    ValueError for any other URL (see :func:`check_database_url`)."""
+    check_database_url(url)
     if url.startswith("sqlite"):
         return db_url.connect(url, pragmas=SQLITE_PRAGMAS, timeout=10)
     database = db_url.connect(url)
@@ -203,7 +206,10 @@ class SiblingWriteLock:
         return cls(f"{database_path}-writer.lock", SQLITE_PRAGMAS["busy_timeout"] / 1000)
 
     def __enter__(self) -> None:
-        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)  # held only while locked: nothing to leak
+        try:
+            fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)  # held only while locked: nothing to leak
+        except OSError as exc:  # no such directory, no permission: the database is unusable, say where
+            raise peewee.OperationalError(f"cannot open {self._path}: {exc.strerror}") from exc
         deadline = time.monotonic() + self._timeout
         while True:
             try:

@@ -333,6 +333,22 @@ def test_serve_prints_started_line_and_exits_0_on_sigterm(database_url: str) -> 
         assert stop(server) == 0
 
 
+@pytest.mark.parametrize(
+    ("db", "says"),
+    [
+        ("orders.db", "--db: the database is given as a URL: for the SQLite file orders.db give sqlite:///orders.db"),
+        ("mysql://root:hunter2@127.0.0.1/test", "--db: mysql:// is not a database this server runs on"),
+        ("sqlite:////no/such/directory/orders.db", "cannot open /no/such/directory/orders.db-writer.lock"),
+    ],
+)
+def test_serve_with_a_database_it_cannot_use_says_what_to_give_in_one_line(db: str, says: str) -> None:
+    result = orders("serve", "--port", "0", "--db", db)
+    assert result.returncode == 1
+    assert result.stderr.startswith("orders serve: ") and says in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1 and "hunter2" not in result.stderr
+    assert result.stdout == ""
+
+
 def test_demo_exercises_every_rpc_with_a_live_watch() -> None:
     result = orders("demo")
     assert result.returncode == 0, result.stderr
