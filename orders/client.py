@@ -23,13 +23,18 @@ backoff once every target has failed): reads, creates (each carries a ``request_
 given, so a retry never makes a second order), and status changes without ``expected_version`` (setting
 a status twice is a no-op). Any other call is sent once, but its UNAVAILABLE still moves later calls on
 to the next target. Every failure is raised as an :class:`orders.errors.OrderError` subclass carrying the
-gRPC status name.
+gRPC status name. Arguments are checked before anything is sent (see :mod:`orders.request_checks`): a
+wrong type raises :class:`TypeError`, an integer the wire cannot carry :class:`InvalidArgument`.
+
+A client belongs to the event loop it is first used on (it may be made outside one); once closed it
+refuses new calls (:class:`RuntimeError`), and its open watches end.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import random
 import re
@@ -40,13 +45,16 @@ from typing import TypeVar
 
 from grpclib.client import Channel
 from grpclib.events import SendRequest, listen
-from grpclib.exceptions import GRPCError, StreamTerminatedError
+from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from grpclib.metadata import Deadline
 
 from orders._proto.orders.v1 import (
     CancelOrderRequest,
+    CancelOrderResponse,
     CreateOrderRequest,
+    CreateOrderResponse,
     GetOrderRequest,
+    GetOrderResponse,
     ListOrdersRequest,
     ListOrdersResponse,
     Order,
@@ -56,10 +64,12 @@ from orders._proto.orders.v1 import (
     OrderStatusStreamRequest,
     StatusUpdate,
     UpdateOrderStatusRequest,
+    UpdateOrderStatusResponse,
 )
 from orders.auth import add_token, check_token, client_ssl_context, is_loopback, keep_headers_out_of_logs
 from orders.domain import new_id
-from orders.errors import DeadlineExceeded, OrderError, Unavailable, error_for
+from orders.errors import DeadlineExceeded, Internal, OrderError, Unavailable, error_for
+from orders.request_checks import check_request
 
 R = TypeVar("R")
 
@@ -71,7 +81,8 @@ _HOST = re.compile(r"\[[\w:.%]+\]|[\w.:-]+")  # a name, an IPv4 address, or an I
 
 @dataclass(frozen=True, slots=True)
 class Item:
-    """An item to order: product name, quantity and unit price in currency units."""
+    """An item to order: product name, quantity and unit price in currency units (a float, an int or a
+    ``decimal.Decimal``)."""
 
     product_name: str
     quantity: int
@@ -125,13 +136,55 @@ def _as_error(exc: BaseException) -> OrderError:
             f"TLS handshake with the server failed: {exc}"
             " (does the server serve TLS, and is the client's CA file the one that signed its certificate?)"
         )
+    if isinstance(exc, _MALFORMED_REPLY):
+        return Internal(f"the server's reply broke the gRPC protocol: {exc}")
     return Unavailable(f"cannot reach the server: {exc}")
 
 
-_TRANSPORT_ERRORS = (GRPCError, StreamTerminatedError, ConnectionError, OSError)
+def _is_retryable(error: OrderError, exc: BaseException) -> bool:
+    """UNAVAILABLE, unless it is a TLS set-up that no retry can mend: an untrusted certificate, or TLS
+    spoken to a plaintext server."""
+    if isinstance(exc, ssl.SSLCertVerificationError) or getattr(exc, "reason", None) == "WRONG_VERSION_NUMBER":
+        return False
+    return isinstance(error, Unavailable)
+
+
+def _check_timeout(timeout: float | None) -> None:
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
+    if not (math.isfinite(timeout) and timeout >= 0):
+        raise ValueError(f"timeout must be 0 or more seconds (None: no deadline), not {timeout}")
+
+
+def _order_item(item: Item | tuple[str, int, float]) -> OrderItem:
+    if isinstance(item, Item):
+        return OrderItem(product_name=item.product_name, quantity=item.quantity, price=item.price)
+    if isinstance(item, tuple) and len(item) == 3:
+        return OrderItem(product_name=item[0], quantity=item[1], price=item[2])
+    raise TypeError(f"an item is an Item or a (product_name, quantity, price) tuple, not {item!r}")
+
+
+_OrderResponse = CreateOrderResponse | GetOrderResponse | UpdateOrderStatusResponse | CancelOrderResponse
+
+
+def _the_order(response: _OrderResponse) -> Order:
+    if response.order is None:
+        raise Internal("the server's reply carried no order")
+    return response.order
+
+
+# What grpclib raises for a reply it cannot read: a protocol violation, a compressed message (not
+# supported), a message cut short (an assertion in grpclib).
+_MALFORMED_REPLY = (ProtocolError, NotImplementedError, AssertionError)
+_TRANSPORT_ERRORS = (GRPCError, StreamTerminatedError, ConnectionError, OSError, *_MALFORMED_REPLY)
 # A retry is not started with less time left than this: it would end in DEADLINE_EXCEEDED, hiding the
 # error that made the call retry (a server that is down answers a connection attempt in well under it).
 MIN_ATTEMPT_SECONDS = 0.05
+# A watch with heartbeats that hears nothing for this many heartbeat intervals takes its connection as lost
+# (a peer gone without closing it, a network that drops packets) and resumes on a new one.
+SILENT_HEARTBEATS = 3
 
 
 class OrderClient:
@@ -166,6 +219,7 @@ class OrderClient:
         retry: RetryPolicy = RetryPolicy(),
     ) -> None:
         self.targets = parse_targets(target)
+        _check_timeout(timeout)
         self.timeout = timeout
         self.retry = retry
         addresses = [parse_target(t) for t in self.targets]
@@ -184,11 +238,13 @@ class OrderClient:
                 log.warning(
                     "sending a bearer token to %s without TLS: it can be read on the network", ", ".join(exposed)
                 )
-        self._channels = tuple(Channel(host, port, ssl=context) for host, port in addresses)
-        if token is not None:
-            for channel in self._channels:
-                listen(channel, SendRequest, add_token(token))  # every call, unary and streaming
-        self._stubs = tuple(OrderServiceStub(channel) for channel in self._channels)
+        self._addresses = addresses
+        self._ssl = context
+        self._token = token
+        self._channels: tuple[Channel, ...] = ()  # made on first use, on that call's event loop
+        self._stubs_of_loop: tuple[OrderServiceStub, ...] = ()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
         self._current = 0  # index of the target calls go to now
 
     @property
@@ -197,18 +253,41 @@ class OrderClient:
         return self.targets[self._current]
 
     @property
-    def _stub(self) -> OrderServiceStub:
-        """The current target's stub."""
-        return self._stubs[self._current]
+    def closed(self) -> bool:
+        """True once :meth:`close` has been called."""
+        return self._closed
+
+    @property
+    def _stubs(self) -> tuple[OrderServiceStub, ...]:
+        """A stub per target, on the running event loop (the channels are made on the first call)."""
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._channels = tuple(Channel(host, port, ssl=self._ssl) for host, port in self._addresses)
+            if self._token is not None:
+                for channel in self._channels:
+                    listen(channel, SendRequest, add_token(self._token))  # every call, unary and streaming
+            self._stubs_of_loop = tuple(OrderServiceStub(channel) for channel in self._channels)
+            self._loop = loop
+        elif loop is not self._loop:
+            raise RuntimeError("an OrderClient serves the event loop it was first used on; make one per event loop")
+        return self._stubs_of_loop
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this OrderClient is closed; make a new one")
 
     async def __aenter__(self) -> OrderClient:
+        self._check_open()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         self.close()
 
     def close(self) -> None:
-        """Close every target's connection; open streams end."""
+        """Close every target's connection: calls in flight fail, open watches end, and new calls raise
+        :class:`RuntimeError`. Closing again does nothing."""
+        self._closed = True
         for channel in self._channels:
             channel.close()
 
@@ -229,23 +308,17 @@ class OrderClient:
         default is a fresh version-7 UUID: time-ordered, so the server's index of keys grows at its end.
         """
         request = CreateOrderRequest(
-            items=[
-                OrderItem(product_name=i[0], quantity=i[1], price=i[2])
-                if isinstance(i, tuple)
-                else OrderItem(product_name=i.product_name, quantity=i.quantity, price=i.price)
-                for i in items
-            ],
+            items=[_order_item(item) for item in items],
             total_amount=total_amount,
             currency_code=currency_code,
             request_id=request_id or new_id(),
         )
-        response = await self._unary(lambda stub: stub.create_order, request, timeout, retry=True)
-        return response.order
+        return _the_order(await self._unary(lambda stub: stub.create_order, request, timeout, retry=True))
 
     async def get(self, order_id: str, *, timeout: float | None = None) -> Order:
         """The order with this id."""
-        response = await self._unary(lambda stub: stub.get_order, GetOrderRequest(id=order_id), timeout, retry=True)
-        return response.order
+        request = GetOrderRequest(id=order_id)
+        return _the_order(await self._unary(lambda stub: stub.get_order, request, timeout, retry=True))
 
     async def update_status(
         self, order_id: str, status: OrderStatus, *, expected_version: int = 0, timeout: float | None = None
@@ -255,13 +328,13 @@ class OrderClient:
         response = await self._unary(
             lambda stub: stub.update_order_status, request, timeout, retry=not expected_version
         )
-        return response.order
+        return _the_order(response)
 
     async def cancel(self, order_id: str, *, expected_version: int = 0, timeout: float | None = None) -> Order:
         """Cancel an order (cancelling a cancelled order is a no-op)."""
         request = CancelOrderRequest(id=order_id, expected_version=expected_version)
         response = await self._unary(lambda stub: stub.cancel_order, request, timeout, retry=not expected_version)
-        return response.order
+        return _the_order(response)
 
     async def list_page(
         self,
@@ -299,8 +372,10 @@ class OrderClient:
     ) -> R:
         """Send ``request`` with ``method`` of the current target's stub; if ``retry``, retry it as the
         class docstring says, within one deadline."""
+        _check_timeout(timeout)
+        check_request(request)  # type: ignore[arg-type]  # every request is a generated message
         timeout = self.timeout if timeout is None else timeout
-        deadline = Deadline.from_timeout(timeout) if timeout else None
+        deadline = Deadline.from_timeout(timeout) if timeout is not None else None
         attempts = max(self.retry.attempts, len(self.targets)) if retry else 1
         for attempt in range(1, attempts + 1):
             index = self._current
@@ -308,17 +383,19 @@ class OrderClient:
                 return await method(self._stubs[index])(request, deadline=deadline)
             except _TRANSPORT_ERRORS as exc:
                 error = self._failed(index, exc)
-                retryable = isinstance(error, Unavailable) and attempt < attempts
+                retryable = _is_retryable(error, exc) and attempt < attempts and not self._closed
                 delay = self._pause(attempt)
                 if not retryable or (deadline is not None and deadline.time_remaining() <= delay + MIN_ATTEMPT_SECONDS):
                     raise error from exc
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
-    def _failed(self, index: int, exc: BaseException) -> OrderError:
+    def _failed(self, index: int, exc: BaseException, error: OrderError | None = None) -> OrderError:
         """The error for ``exc`` raised by a call to target ``index``; if it is UNAVAILABLE, later calls go to
         the next target (unless a concurrent call has already moved the client on)."""
-        error = _as_error(exc)
+        if self._closed and not isinstance(exc, GRPCError):
+            return Unavailable("the client was closed while the call was in flight")
+        error = error or _as_error(exc)
         if isinstance(error, Unavailable) and self._current == index and len(self.targets) > 1:
             self._current = (index + 1) % len(self.targets)
             log.info("%s is unavailable (%s); moving on to %s", self.targets[index], error, self.target)
@@ -347,30 +424,45 @@ class OrderClient:
         When the connection drops or the server goes away, the watch reconnects (to the next target, if
         there are several; with backoff once each has failed) and resumes after the last sequence it saw
         (heartbeats count), so nothing is missed or repeated.
-        It raises :class:`Unavailable` once nothing has arrived for ``give_up_after`` seconds of
-        failed attempts (None: keep trying), or at the first failure when ``reconnect`` is False.
-        Heartbeats are used for resuming and not yielded.
+        With ``heartbeat_seconds`` N, a stream that hears nothing for 3 N seconds is taken as lost too.
+        It raises :class:`Unavailable` once attempts have failed in a row for ``give_up_after`` seconds
+        (None: keep trying), or at the first failure when ``reconnect`` is False; a TLS set-up that no
+        retry can mend (an untrusted certificate) fails at once. Heartbeats are used for resuming and not
+        yielded. The watch ends when the client is closed.
         """
         ids = list(order_ids)
         cursor = after_sequence
+
+        def request() -> OrderStatusStreamRequest:  # resuming after the cursor
+            return OrderStatusStreamRequest(order_ids=ids, after_sequence=cursor, heartbeat_seconds=heartbeat_seconds)
+
+        check_request(request())
+        self._check_open()
         loop = asyncio.get_running_loop()
-        last_alive = loop.time()
+        silence_limit = SILENT_HEARTBEATS * heartbeat_seconds if heartbeat_seconds > 0 else None
+        failing_since: float | None = None  # when the failures in a row began
         failures = 0
-        while True:
-            request = OrderStatusStreamRequest(
-                order_ids=ids, after_sequence=cursor, heartbeat_seconds=heartbeat_seconds
-            )
+        while not self._closed:
             index = self._current
+            stream = self._stubs[index].order_status_stream(request())
             try:
-                async for update in self._stubs[index].order_status_stream(request):
-                    failures, last_alive = 0, loop.time()
+                async for update in _heard_within(stream, silence_limit):
+                    failures, failing_since = 0, None
                     cursor = update.sequence
                     if update.order_id:
                         yield update
-            except _TRANSPORT_ERRORS as exc:
-                error = self._failed(index, exc)
-                gave_up = give_up_after is not None and loop.time() - last_alive > give_up_after
-                if not (reconnect and isinstance(error, Unavailable)) or gave_up:
+            except (_Silence, *_TRANSPORT_ERRORS) as exc:
+                lost = None
+                if isinstance(exc, _Silence):  # a dead connection: the next call on this target opens a new one
+                    self._channels[index].close()
+                    lost = Unavailable(f"nothing arrived for {silence_limit} s")
+                error = self._failed(index, exc, lost)
+                if self._closed:
+                    return
+                now = loop.time()
+                failing_since = now if failing_since is None else failing_since
+                gave_up = give_up_after is not None and now - failing_since > give_up_after
+                if not (reconnect and _is_retryable(error, exc)) or gave_up:
                     raise error from exc
                 failures += 1
                 log.info("watch on %s interrupted (%s); resuming after sequence %s", self.targets[index], error, cursor)
@@ -378,3 +470,27 @@ class OrderClient:
             else:
                 if not reconnect:
                     return
+
+
+class _Silence(Exception):
+    """A stream heard nothing, not even a heartbeat, for longer than its limit."""
+
+
+async def _heard_within(stream: AsyncIterator[R], limit: float | None) -> AsyncIterator[R]:
+    """``stream``'s messages, raising _Silence once ``limit`` seconds pass without one (None: no limit).
+
+    Each wait has its own timeout: the caller may take the messages from different tasks (``wait_for``
+    runs each in a task of its own), and a timeout belongs to the task that entered it.
+    """
+    messages = aiter(stream)
+    while True:
+        try:
+            async with asyncio.timeout(limit) as waiting:
+                message = await anext(messages)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            if waiting.expired():
+                raise _Silence from None
+            raise
+        yield message

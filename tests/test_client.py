@@ -4,10 +4,13 @@ retries when nothing listens, and idempotent creates and gap-free watches across
 from __future__ import annotations
 
 import asyncio
+import decimal
+import re
+import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from server_process import ServerProcess, free_port
@@ -169,14 +172,14 @@ async def test_nothing_listening_is_unavailable_after_retries_within_the_timeout
     retry = RetryPolicy(attempts=4, initial_backoff=0.05, max_backoff=0.2)
     async with OrderClient(f"127.0.0.1:{port}", timeout=3, retry=retry) as client:
         attempts = 0
-        get_order = client._stub.get_order
+        get_order = client._stubs[0].get_order
 
         async def counting(*args, **kwargs):
             nonlocal attempts
             attempts += 1
             return await get_order(*args, **kwargs)
 
-        client._stub.get_order = counting
+        client._stubs[0].get_order = counting
         started = time.monotonic()
         with pytest.raises(Unavailable) as caught:
             await asyncio.wait_for(client.get(str(uuid.uuid4())), 10)
@@ -187,14 +190,14 @@ async def test_nothing_listening_is_unavailable_after_retries_within_the_timeout
 
         # a status change with expected_version is not safe to repeat: one attempt only
         attempts = 0
-        update = client._stub.update_order_status
+        update = client._stubs[0].update_order_status
 
         async def counting_update(*args, **kwargs):
             nonlocal attempts
             attempts += 1
             return await update(*args, **kwargs)
 
-        client._stub.update_order_status = counting_update
+        client._stubs[0].update_order_status = counting_update
         with pytest.raises(Unavailable):
             await asyncio.wait_for(
                 client.update_status(str(uuid.uuid4()), OrderStatus.CONFIRMED, expected_version=1), 10
@@ -226,14 +229,14 @@ async def test_create_retried_across_a_restart_does_not_duplicate(tmp_path, data
 
             assert await server.stop() == 0
             calls = 0
-            create_order = client._stub.create_order
+            create_order = client._stubs[0].create_order
 
             async def counting(*args, **kwargs):
                 nonlocal calls
                 calls += 1
                 return await create_order(*args, **kwargs)
 
-            client._stub.create_order = counting
+            client._stubs[0].create_order = counting
             again = asyncio.create_task(client.create(items, request_id="order-1"))
             new = asyncio.create_task(client.create([Item("Desk", 1, 300.0)], request_id="order-2"))
             retrying += [again, new]
@@ -323,6 +326,189 @@ async def test_watch_resumes_across_a_restart_without_gap_or_duplicate(tmp_path,
         watcher.close()
         writer.close()
         await server.kill()
+
+
+async def test_a_watch_quiet_for_longer_than_give_up_after_still_resumes_after_a_restart(tmp_path, database_url):
+    """``give_up_after`` counts failed attempts in a row, not the quiet before them."""
+    server = ServerProcess(tmp_path, database_url)
+    await server.start()
+    try:
+        async with OrderClient(server.target, timeout=20, retry=FAST_RETRY) as client:
+            first = await client.create([Item("Book", 1, 10.0)])
+            updates = client.watch(after_sequence=0, give_up_after=1.0)
+            assert (await asyncio.wait_for(updates.__anext__(), 10)).order_id == first.id
+            next_update = asyncio.ensure_future(updates.__anext__())
+            await asyncio.sleep(1.5)  # quiet for longer than give_up_after
+            assert await server.stop() == 0
+            await server.start()
+            second = await client.create([Item("Pen", 1, 1.0)])
+            assert (await asyncio.wait_for(next_update, 10)).order_id == second.id
+            await updates.aclose()
+    finally:
+        await server.kill()
+
+
+class FreezingProxy:
+    """A TCP proxy in front of a server; :meth:`freeze` makes the connections open now carry nothing more
+    in either direction while staying open (a peer that lost power, a NAT that dropped the flow)."""
+
+    def __init__(self, port: int) -> None:
+        self._port = port
+        self._frozen: list[asyncio.Event] = []
+        self._connections: set[asyncio.Task] = set()
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self._server = await asyncio.start_server(self._connect, "127.0.0.1", 0)
+        return f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for connection in self._connections:
+            connection.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+
+    def freeze(self) -> None:
+        for frozen in self._frozen:
+            frozen.set()
+
+    async def _connect(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        self._connections.add(asyncio.current_task())  # type: ignore[arg-type]
+        server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self._port)
+        frozen = asyncio.Event()
+        self._frozen.append(frozen)
+        pipes = [self._pipe(client_reader, server_writer, frozen), self._pipe(server_reader, client_writer, frozen)]
+        try:
+            await asyncio.gather(*pipes)
+        finally:
+            client_writer.close()
+            server_writer.close()
+
+    @staticmethod
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, frozen: asyncio.Event) -> None:
+        while data := await reader.read(65536):
+            if frozen.is_set():
+                await asyncio.Future()  # never again, and never closed: only the other side's timeout helps
+            writer.write(data)
+
+
+async def test_a_watch_with_heartbeats_resumes_when_its_connection_goes_silent(server, client):
+    """Three heartbeat intervals without a message: the connection is taken as lost, and the watch resumes
+    on a new one after the last sequence it saw."""
+    order = await client.create([Item("Book", 1, 10.0)])
+    proxy = FreezingProxy(server.port)
+    async with proxy as target, OrderClient(target) as watcher:
+        updates = watcher.watch([order.id], after_sequence=0, heartbeat_seconds=1)
+        assert (await asyncio.wait_for(updates.__anext__(), 10)).status == OrderStatus.PENDING
+        proxy.freeze()
+        await client.update_status(order.id, OrderStatus.CONFIRMED)
+        started = time.monotonic()
+        update = await asyncio.wait_for(updates.__anext__(), 10)
+        assert (update.order_id, update.status) == (order.id, OrderStatus.CONFIRMED)
+        assert 2.5 < time.monotonic() - started < 8  # after 3 silent heartbeat intervals, not before
+        await updates.aclose()
+
+
+# --- arguments, deadlines and the client's life ---------------------------------------------------
+
+
+def refusals(client: OrderClient, order_id: str) -> list[tuple[type[Exception], str, Callable[[], Awaitable]]]:
+    """Calls whose arguments betterproto2 would have sent as something else (wrapped integers, None as 0)."""
+    return [
+        (InvalidArgument, "items[0].quantity", lambda: client.create([Item("Laptop", 2**32 + 1, 1000.0)])),
+        (InvalidArgument, "status", lambda: client.update_status(order_id, 2**32 + 2)),
+        (InvalidArgument, "expected_version", lambda: client.cancel(order_id, expected_version=2**64 + 1)),
+        (InvalidArgument, "page_size", lambda: client.list_page(page_size=2**31)),
+        (InvalidArgument, "after_sequence", lambda: first_update_of(client.watch(after_sequence=2**64))),
+        (InvalidArgument, "items[0].product_name", lambda: client.create([Item("Lap\ud800top", 1, 1.0)])),
+        (TypeError, "items[0].price", lambda: client.create([Item("Mouse", 1, None)])),  # type: ignore[arg-type]
+        (TypeError, "items[0].quantity", lambda: client.create([Item("Mouse", 1.5, 1.0)])),  # type: ignore[arg-type]
+        (TypeError, "(product_name, quantity, price)", lambda: client.create([("Mouse", 1)])),  # type: ignore[list-item]
+        (TypeError, "status", lambda: client.update_status(order_id, "CONFIRMED")),  # type: ignore[arg-type]
+        (TypeError, "id", lambda: client.get(uuid.UUID(order_id))),  # type: ignore[arg-type]
+        (TypeError, "heartbeat_seconds", lambda: first_update_of(client.watch(heartbeat_seconds=True))),
+    ]
+
+
+async def test_arguments_the_wire_would_change_are_refused_before_anything_is_sent(server, client):
+    order = await client.create([Item("Book", 1, 10.0)])
+    for error, field, call in refusals(client, order.id):
+        with pytest.raises(error, match=re.escape(field)):
+            await asyncio.wait_for(call(), 10)
+    assert [o async for o in client.list()] == [order], "no order was created, changed or cancelled"
+
+
+async def test_amounts_may_be_decimals(server, client):
+    order = await client.create([Item("Book", 3, decimal.Decimal("19.99"))], total_amount=decimal.Decimal("59.97"))
+    assert order.total_amount == 59.97
+
+
+async def test_a_timeout_of_zero_fails_at_once_and_a_meaningless_one_up_front():
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        async with OrderClient(f"127.0.0.1:{silent.getsockname()[1]}") as client:
+            started = time.monotonic()
+            with pytest.raises(DeadlineExceeded):
+                await asyncio.wait_for(client.get(str(uuid.uuid4()), timeout=0), 10)
+            assert time.monotonic() - started < 1
+            for timeout in (-1, float("inf"), float("nan")):
+                with pytest.raises(ValueError, match="timeout"):
+                    await client.get(str(uuid.uuid4()), timeout=timeout)
+    with pytest.raises(TypeError, match="timeout"):
+        OrderClient("127.0.0.1:1", timeout="10")  # type: ignore[arg-type]
+
+
+async def test_closing_ends_watches_fails_calls_in_flight_and_refuses_new_ones(server):
+    client = OrderClient(f"127.0.0.1:{server.port}", timeout=10, retry=FAST_RETRY)
+    order = await client.create([Item("Book", 1, 10.0)])
+    seen: list[int] = []
+
+    async def watch() -> None:
+        async for update in client.watch(after_sequence=0):
+            seen.append(update.sequence)
+
+    watching = asyncio.create_task(watch())
+    release = threading.Event()
+    blocked = asyncio.ensure_future(server.storage.write(release.wait, 10))  # holds the writer
+    in_flight = asyncio.create_task(client.update_status(order.id, OrderStatus.CONFIRMED))
+    try:
+        while not seen:
+            await asyncio.sleep(0.01)
+        started = time.monotonic()
+        client.close()
+        await asyncio.wait_for(watching, 5)  # the watch ends, without an error
+        with pytest.raises(Unavailable, match="closed"):
+            await asyncio.wait_for(in_flight, 5)  # not retried on a new connection
+        assert time.monotonic() - started < 1
+    finally:
+        release.set()
+        await blocked
+    assert client.closed
+    client.close()  # again: nothing happens
+    with pytest.raises(RuntimeError, match="closed"):
+        await client.get(order.id)
+    with pytest.raises(RuntimeError, match="closed"):
+        await first_update_of(client.watch())
+    with pytest.raises(RuntimeError, match="closed"):
+        async with client:
+            pass
+
+
+def test_a_client_made_outside_an_event_loop_works_in_the_first_loop_it_is_used_on(tmp_path, database_url):
+    async def serve_and_create(client: OrderClient) -> str:
+        server = ServerProcess(tmp_path, database_url, port=int(client.target.rpartition(":")[2]))
+        await server.start()
+        try:
+            return (await client.create([Item("Book", 1, 10.0)])).id
+        finally:
+            assert await server.stop() == 0
+
+    client = OrderClient(f"127.0.0.1:{free_port()}")  # at import time, say: no loop runs
+    assert asyncio.run(serve_and_create(client))
+    with pytest.raises(RuntimeError, match="one per event loop"):
+        asyncio.run(serve_and_create(client))  # pytest-asyncio gives each test a loop of its own
 
 
 # --- several targets (replicas): failover ---------------------------------------------------------

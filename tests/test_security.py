@@ -348,13 +348,14 @@ async def test_a_client_given_an_ssl_context_uses_it(tls_server: OrderServer, ce
         OrderClient("127.0.0.1:1", tls=context, ca_file=certs.ca)
 
 
-async def assert_refused_promptly(connected: OrderClient, *fragments: str) -> None:
-    """A unary call and a watch both fail with UNAVAILABLE (retries included) well before the deadline."""
+async def assert_refused_promptly(connected: OrderClient, *fragments: str, watch_reconnects: bool = False) -> None:
+    """A unary call and a watch both fail with UNAVAILABLE (retries included) well before the deadline;
+    ``watch_reconnects``: a watch left to reconnect, as by default, fails as promptly (no retry can mend it)."""
     started = time.monotonic()
     with pytest.raises(Unavailable) as unary:
         await connected.create([Item("Pen", 1, 1.0)])
     with pytest.raises(Unavailable) as streaming:
-        await watch_first(connected, reconnect=False)
+        await watch_first(connected, reconnect=watch_reconnects)
     assert time.monotonic() - started < PROMPTLY
     for fragment in fragments:
         assert fragment in unary.value.message and fragment in streaming.value.message
@@ -366,7 +367,7 @@ async def test_a_client_not_trusting_the_ca_is_unavailable(
 ) -> None:
     options: dict[str, Any] = {"tls": True} if trust == "system store" else {"ca_file": certs.other_ca}
     async with client(tls_server, **options) as untrusting:
-        await assert_refused_promptly(untrusting, "TLS handshake", "certificate verify failed")
+        await assert_refused_promptly(untrusting, "TLS handshake", "certificate verify failed", watch_reconnects=True)
 
 
 async def test_a_plaintext_client_against_the_tls_port_fails_promptly(tls_server: OrderServer) -> None:
@@ -376,7 +377,7 @@ async def test_a_plaintext_client_against_the_tls_port_fails_promptly(tls_server
 
 async def test_a_tls_client_against_a_plaintext_server_fails_promptly(certs: SimpleNamespace) -> None:
     async with running_server() as plaintext_server, client(plaintext_server, ca_file=certs.ca) as tls_client:
-        await assert_refused_promptly(tls_client, "TLS handshake")
+        await assert_refused_promptly(tls_client, "TLS handshake", watch_reconnects=True)
 
 
 def handshake(port: int, ca: Path, **settings: Any) -> tuple[str | None, str | None]:
