@@ -47,7 +47,11 @@ def supervise(config: ServerConfig) -> int:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop)
-    with _reserved_port(config) as port:
+    with contextlib.ExitStack() as reserved:
+        try:
+            port = reserved.enter_context(_reserved_port(config))
+        except OSError as exc:  # the port is taken, or the host is not an address of this machine
+            raise SystemExit(f"orders serve: cannot listen: {exc}") from None
         config = dataclasses.replace(config, port=port)
         workers = [_start(context, config, index) for index in range(config.workers)]
         if not all(_ready(worker, ready) for worker, ready in workers):
@@ -119,14 +123,22 @@ def _worker(config: ServerConfig, ready: multiprocessing.connection.Connection) 
 @contextlib.contextmanager
 def _reserved_port(config: ServerConfig) -> Iterator[int]:
     """The port the workers share: ``config.port``, or for port 0 a free one, held (bound with
-    SO_REUSEPORT but not listening, so it takes no connections) until the workers listen on it."""
-    if config.port:
-        yield config.port
-        return
+    SO_REUSEPORT but not listening, so it takes no connections) until the workers listen on it.
+
+    A given port is first bound without SO_REUSEPORT, and let go: that fails (``OSError``) if anything
+    listens on it, such as another ``--workers`` server, whose SO_REUSEPORT sockets the workers'
+    would otherwise join, splitting the connections between two servers without a word.
+    """
     family, kind, protocol, _, address = socket.getaddrinfo(
-        config.host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        config.host, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
     with socket.socket(family, kind, protocol) as reserved:
+        if config.port:
+            reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the workers: TIME_WAIT is no owner
+            reserved.bind(address)
+            reserved.close()
+            yield config.port
+            return
         reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         reserved.bind(address)
         yield reserved.getsockname()[1]

@@ -106,13 +106,36 @@ async def test_a_worker_that_dies_is_replaced(tmp_path: Path, database_url: str)
         assert await server.stop() == 0
 
 
-async def run_supervisor(*args: str) -> tuple[int | None, bytes, bytes]:
+async def test_a_second_workers_server_on_a_taken_port_fails_instead_of_sharing_it(
+    tmp_path: Path, database_url: str
+) -> None:
+    """SO_REUSEPORT would let the second server's workers join the first's port, each then taking a share
+    of the connections into a different database."""
+    first = ServerProcess(tmp_path, database_url, args=["--workers", str(WORKERS)])
+    await first.start()
+    try:
+        other_database = f"sqlite:///{tmp_path / 'other.db'}"
+        code, out, err = await run_supervisor("--db", other_database, port=first.port)
+        assert code == 1
+        assert b"Server started" not in out
+        assert err.strip().endswith(b"Address already in use"), err.decode()[-2000:]
+        assert b"cannot listen" in err
+    finally:
+        assert await first.stop() == 0
+
+
+async def run_supervisor(*args: str, port: int = 0) -> tuple[int | None, bytes, bytes]:
     process = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "orders.server", "--workers", "2", "--port", "0", *args),
+        *(sys.executable, "-m", "orders.server", "--workers", "2", "--port", str(port), *args),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(process.communicate(), TIMEOUT)
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), TIMEOUT)
+    finally:
+        if process.returncode is None:  # still serving: the test failed, leave nothing running
+            process.kill()
+            await process.wait()
     return process.returncode, out, err
 
 
