@@ -20,7 +20,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from orders.storage import Repository, open_database, redacted
+from orders.config import redacted
+from orders.storage import Repository, open_database
 
 # The BIGSERIAL columns (PostgreSQL) whose values the preload writes itself: their sequences must then
 # be moved past the rows, or the server's first inserts would collide with them.

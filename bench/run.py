@@ -47,7 +47,7 @@ from bench.watch import (
     run_writer_blocking,
     watch_filters,
 )
-from orders.storage import redacted
+from orders.config import redacted
 
 ALL_SCENARIOS = (*UNARY_SCENARIOS, "watch")
 HOST = "127.0.0.1"

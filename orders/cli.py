@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import datetime
 import json
+import math
 import os
 import sys
 import tempfile
@@ -33,7 +34,7 @@ from contextlib import asynccontextmanager, suppress
 import betterproto2
 
 from orders._proto.orders.v1 import Order, OrderStatus, StatusUpdate
-from orders.auth import check_token
+from orders.auth import SecurityConfigError, check_token, client_ssl_context
 from orders.client import DEFAULT_TARGET, Item, OrderClient, parse_targets
 from orders.config import ServerConfig, add_server_arguments, config_from_args
 from orders.errors import OrderError
@@ -82,13 +83,12 @@ def target_arg(text: str) -> str:
     return text
 
 
-def readable_file(text: str) -> str:
-    """A path that can be opened for reading."""
+def ca_file_arg(text: str) -> str:
+    """A PEM file of CA certificates that TLS can trust."""
     try:
-        with open(text, "rb"):
-            pass
-    except OSError as exc:
-        raise argparse.ArgumentTypeError(f"cannot read {text!r}: {exc.strerror or exc}") from None
+        client_ssl_context(text)
+    except SecurityConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return text
 
 
@@ -102,17 +102,23 @@ def token_arg(text: str) -> str:
 
 def non_negative_int(text: str) -> int:
     """An integer ≥ 0."""
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, 0 or more, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
 
 
 def positive_float(text: str) -> float:
-    """A number > 0."""
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    """A finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number more than 0, got {text}")
     return value
 
 
@@ -234,7 +240,11 @@ async def cmd_watch(client: OrderClient, args: argparse.Namespace, out: Output) 
         return
     seen = 0
     updates = client.watch(
-        args.ids, after_sequence=args.after_sequence, heartbeat_seconds=args.heartbeat, reconnect=args.reconnect
+        args.ids,
+        after_sequence=args.after_sequence,
+        heartbeat_seconds=args.heartbeat,
+        reconnect=args.reconnect,
+        give_up_after=args.timeout,
     )
     async for update in updates:
         out.update(update)
@@ -417,11 +427,11 @@ async def demo(args: argparse.Namespace) -> None:
 # --- serve ---------------------------------------------------------------------------------------------
 
 
-def serve(args: argparse.Namespace) -> None:
+def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """``orders serve``: exactly ``python -m orders.server``."""
     from orders.server import run  # imported on use, as in demo
 
-    run(config_from_args(args))
+    run(config_from_args(args, parser))
 
 
 # --- parser and entry point ------------------------------------------------------------------------
@@ -438,7 +448,12 @@ def client_options() -> argparse.ArgumentParser:
         help="server address, or comma-separated replicas to fail over between (ORDERS_TARGET; default %(default)s)",
     )
     parent.add_argument("--json", action="store_true", help="print one JSON object per line")
-    parent.add_argument("--timeout", type=positive_float, default=10.0, help="seconds per call (default %(default)s)")
+    parent.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=10.0,
+        help="seconds per call; watch gives up after reconnecting fails for this long (default %(default)s)",
+    )
     add_security_options(parent)
     return parent
 
@@ -454,7 +469,7 @@ def add_security_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--ca-file",
-        type=readable_file,
+        type=ca_file_arg,
         default=os.environ.get("ORDERS_CA_FILE") or None,
         metavar="PEM",
         help="use TLS and trust the server's certificate if this CA signed it (ORDERS_CA_FILE)",
@@ -478,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("bench", help="run the benchmark (see python -m bench --help)", add_help=False)
     serve_parser = commands.add_parser("serve", help="run the server", description="Run the orders gRPC server.")
     add_server_arguments(serve_parser)
-    serve_parser.set_defaults(run=serve)
+    serve_parser.set_defaults(run=lambda args: serve(args, serve_parser))
 
     demo_parser = commands.add_parser(
         "demo",
@@ -525,7 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("--expected-version", type=non_negative_int, default=0, help="apply only to this version")
 
     listing = client_command("list", cmd_list, "list orders, oldest first")
-    listing.add_argument("--status", type=status_arg, nargs="+", metavar="STATUS", help="only these statuses")
+    listing.add_argument(
+        "--status", type=status_arg, nargs="+", action="extend", metavar="STATUS", help="only these statuses"
+    )
     listing.add_argument(
         "--page-size", type=non_negative_int, default=0, help="orders per request (default: server's 50)"
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import urllib.parse
 from collections.abc import Callable
@@ -16,24 +17,56 @@ from typing import Any
 MIB = 1024 * 1024
 DEFAULT_DB_URL = "sqlite:///orders.db"  # a file in the working directory
 DATABASE_SCHEMES = ("sqlite", "postgres", "postgresql")  # the playhouse.db_url schemes the storage runs on
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+_ANY_DATABASE = "give sqlite:///path/to/orders.db or postgresql://user@host:5432/dbname"
 
 
 def check_database_url(url: str) -> None:
     """Raise ValueError, saying what to give instead, unless ``url`` names a database the server runs on."""
-    scheme = urllib.parse.urlsplit(url).scheme
-    if not scheme:
+    parts = urllib.parse.urlsplit(url)
+    if not url:
+        raise ValueError(f"no database given: {_ANY_DATABASE}")
+    if not parts.scheme:
         raise ValueError(f"the database is given as a URL: for the SQLite file {url} give sqlite:///{url}")
-    if scheme not in DATABASE_SCHEMES:
-        raise ValueError(
-            f"{scheme}:// is not a database this server runs on: give sqlite:///path/to/orders.db"
-            " or postgresql://user@host:5432/dbname"
-        )
+    if parts.scheme not in DATABASE_SCHEMES:
+        raise ValueError(f"{parts.scheme}:// is not a database this server runs on: {_ANY_DATABASE}")
+    if parts.scheme == "sqlite":
+        if parts.path in ("", "/", "/:memory:") or parts.path.startswith("/file::memory:"):
+            raise ValueError(
+                "an in-memory SQLite database cannot serve: the server's threads each open their own"
+                " connection, and each would see a database of its own; give a file: sqlite:///orders.db"
+            )
+        return
+    try:
+        parts.port  # noqa: B018  (parsing it checks it)
+    except ValueError as exc:
+        raise ValueError(f"{redacted(url)}: {exc}") from None
+    if parts.path.strip("/") == "":
+        raise ValueError(f"{redacted(url)} names no database: add it, as in postgresql://user@host:5432/dbname")
+
+
+def redacted(url: str) -> str:
+    """``url`` with its password, if any, replaced by ``***`` (in the user part or a ``password=``
+    parameter): fit for logs, error messages and help texts."""
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    if parts.password is None and all(name != "password" for name, _ in query):
+        return url  # as given: urlsplit's round trip would drop the empty host of sqlite:////abs/path
+    netloc = parts.netloc if parts.password is None else parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    hidden = [(name, "***" if name == "password" else value) for name, value in query]
+    return parts._replace(netloc=netloc, query=urllib.parse.urlencode(hidden, safe="*")).geturl()
 
 
 def _option(
-    default: Any, help: str, *, parse: Callable[[str], Any] | None = None, secret: bool = False, **argparse_options: Any
+    default: Any,
+    help: str,
+    *,
+    parse: Callable[[str], Any] | None = None,
+    secret: bool = False,
+    shown: Callable[[Any], str] = str,
 ) -> Any:
-    metadata = {"help": help, "parse": parse, "secret": secret, "argparse": argparse_options}
+    metadata = {"help": help, "parse": parse, "secret": secret, "shown": shown}
     return field(default=default, metadata=metadata)
 
 
@@ -45,23 +78,50 @@ def _optional_port(text: str) -> int | None:
     return int(text) if text else None
 
 
+def _token(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError(
+            "is empty: give the token, or leave out --token and ORDERS_TOKEN to serve without one"
+        )
+    return text
+
+
+def _one_of(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+def _port_range(name: str, first: int, count: int = 1) -> None:
+    if not 0 <= first <= 65535 - (count - 1):
+        last = f" (and the {count - 1} after it, one per worker)" if count > 1 else ""
+        raise ValueError(f"{name} must be a port from 0 to 65535{last}, not {first}")
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Everything ``orders serve`` can be told."""
 
     host: str = _option("127.0.0.1", "address to bind; 0.0.0.0 or :: to serve a network")
     port: int = _option(50051, "port; 0 picks a free one")
-    db: str = _option(DEFAULT_DB_URL, "database URL: sqlite:///path/to/file.db or postgresql://user@host:port/dbname")
-    log_level: str = _option("info", "log level", choices=["debug", "info", "warning", "error"])
-    log_format: str = _option("text", "access and server log format", choices=["text", "json"])
+    db: str = _option(
+        DEFAULT_DB_URL, "database URL: sqlite:///path/to/file.db or postgresql://user@host:port/dbname", shown=redacted
+    )
+    log_level: str = _option("info", f"log level: {', '.join(LOG_LEVELS)}", parse=_one_of(*LOG_LEVELS))
+    log_format: str = _option("text", "access and server log format: text or json", parse=_one_of(*LOG_FORMATS))
     grace: float = _option(10.0, "seconds in-flight calls get to finish on shutdown")
     token: str | None = _option(
-        None, "bearer token for every RPC but health (off when unset)", parse=_optional_str, secret=True
+        None, "bearer token for every RPC but health (off when unset)", parse=_token, secret=True
     )
     tls_cert: str | None = _option(None, "PEM certificate chain to serve TLS with", parse=_optional_str)
     tls_key: str | None = _option(None, "PEM private key of --tls-cert", parse=_optional_str)
     metrics_port: int | None = _option(
-        None, "Prometheus metrics port (off when unset); worker i of --workers serves port + i", parse=_optional_port
+        None,
+        "Prometheus metrics port (off when unset; 0 picks a free one); worker i of --workers serves port + i",
+        parse=_optional_port,
     )
     max_message_bytes: int = _option(4 * MIB, "largest request message accepted (RESOURCE_EXHAUSTED above)")
     max_watchers: int = _option(10_000, "open OrderStatusStream calls allowed in all (RESOURCE_EXHAUSTED above)")
@@ -76,30 +136,43 @@ class ServerConfig:
             check_database_url(self.db)
         except ValueError as exc:
             raise ValueError(f"--db: {exc}") from None
+        if not self.host:
+            raise ValueError("--host is empty: give the address to bind (127.0.0.1; 0.0.0.0 or :: for a network)")
         if self.workers < 1:
             raise ValueError(f"--workers must be 1 or more, not {self.workers}")
-        if self.retention_events < 0:
-            raise ValueError(f"--retention-events must be 0 (keep every event) or more, not {self.retention_events}")
+        _port_range("--port", self.port)
+        if self.metrics_port is not None:
+            _port_range("--metrics-port", self.metrics_port, self.workers)
+            if self.metrics_port and self.metrics_port <= self.port < self.metrics_port + self.workers:
+                raise ValueError(f"--metrics-port {self.metrics_port} takes port {self.port}, which --port serves")
+        if not (math.isfinite(self.grace) and self.grace >= 0):
+            raise ValueError(f"--grace must be 0 or more seconds, not {self.grace}")
+        for name in ("max_message_bytes", "max_watchers", "max_streams_per_connection", "retention_events"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, not {getattr(self, name)}")
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add a flag per ServerConfig field, each defaulting to its ORDERS_* environment variable."""
+    """Add a flag per ServerConfig field, each defaulting to its ORDERS_* environment variable.
+
+    An environment value is given to argparse as text, which converts and checks it only when ``serve``
+    runs: a bad ``ORDERS_PORT`` is a usage error of ``orders serve``, not a crash of every command.
+    """
     for option in dataclasses.fields(ServerConfig):
         env = f"ORDERS_{option.name.upper()}"
-        parse = option.metadata["parse"] or type(option.default)
-        default = os.environ.get(env)
+        default = os.environ.get(env, option.default)
+        shown = "" if option.metadata["secret"] else f"; default: {option.metadata['shown'](default)}"
         parser.add_argument(
             f"--{option.name.replace('_', '-')}",
-            type=parse,
-            default=option.default if default is None else parse(default),
-            help=f"{option.metadata['help']} ({env}{'' if option.metadata['secret'] else '; default: %(default)s'})",
-            **option.metadata["argparse"],
+            type=option.metadata["parse"] or type(option.default),
+            default=default,
+            help=f"{option.metadata['help']} ({env}{shown})".replace("%", "%%"),
         )
 
 
-def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    """The ServerConfig described by parsed server flags."""
+def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ServerConfig:
+    """The ServerConfig described by parsed server flags; a usage error (exit 2) if they do not make one."""
     try:
         return ServerConfig(**{option.name: getattr(args, option.name) for option in dataclasses.fields(ServerConfig)})
     except ValueError as exc:
-        raise SystemExit(f"orders serve: {exc}") from None
+        parser.error(str(exc))

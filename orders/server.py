@@ -26,12 +26,12 @@ from orders import _grpclib_fixes  # noqa: F401  (ignore unknown HTTP/2 frame ty
 from orders._proto.google_proto_descriptor_pool import default_google_proto_descriptor_pool
 from orders.auth import SecurityConfigError, TokenGuard, keep_headers_out_of_logs, server_ssl_context
 from orders.calls import CallGuard, CallMiddleware, CallObserver, StrictProtoCodec, log_access
-from orders.config import ServerConfig, add_server_arguments, config_from_args
+from orders.config import ServerConfig, add_server_arguments, config_from_args, redacted
 from orders.connections import Connections
 from orders.limits import MessageSizeLimit, StreamLimits
 from orders.observability import Metrics, log_access_json, use_json_logging
 from orders.service import OrderService, new_feed
-from orders.storage import DatabaseUnusable, redacted
+from orders.storage import DatabaseUnusable
 from orders.storage_threads import Storage
 from orders.workers import supervise
 
@@ -100,7 +100,10 @@ class OrderServer:
             await self.feed.start()
             self._commit_listener = self.storage.listen_for_commits(self.feed.notify)
             if self.metrics is not None and self.config.metrics_port is not None:
-                self.metrics_port = self.metrics.start(self.config.host, self.config.metrics_port)
+                try:
+                    self.metrics_port = self.metrics.start(self.config.host, self.config.metrics_port)
+                except OSError as exc:  # say which port: --port is the one anybody would suspect
+                    raise OSError(exc.errno, f"--metrics-port {self.config.metrics_port}: {exc.strerror}") from exc
             # With --workers, every worker listens on the same port and the kernel spreads connections.
             reuse_port = self.config.workers > 1 or None
             await self._server.start(self.config.host, self.config.port, ssl=self._ssl, reuse_port=reuse_port)
@@ -248,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``python -m orders.server``."""
     parser = argparse.ArgumentParser(prog="orders serve", description="Run the orders gRPC server.")
     add_server_arguments(parser)
-    run(config_from_args(parser.parse_args(argv)))
+    run(config_from_args(parser.parse_args(argv), parser))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ import fcntl
 import logging
 import os
 import time
-import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple, TypeVar
 
@@ -165,14 +164,6 @@ def open_database(url: str) -> peewee.Database:
     if isinstance(database, peewee.PostgresqlDatabase):
         database.connect_params.setdefault("connect_timeout", POSTGRES_CONNECT_TIMEOUT)
     return database
-
-
-def redacted(url: str) -> str:
-    """``url`` with its password, if any, replaced by ``***``: fit for logs and error messages."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
 
 
 def is_postgresql(database: peewee.Database) -> bool:

@@ -285,6 +285,8 @@ class Storage:
             raise DatabaseUnusable(f"cannot reach it: {exc.__cause__}") from exc
         except peewee.ImproperlyConfigured as exc:  # no driver for the URL's scheme
             raise DatabaseUnusable(f"{exc} (for PostgreSQL: pip install 'orders[postgres]')") from exc
+        except peewee.DatabaseError as exc:  # e.g. a file that is not a SQLite database
+            raise DatabaseUnusable(str(exc)) from exc
 
     @property
     def is_postgresql(self) -> bool:

@@ -74,7 +74,7 @@ def _start(
     context: multiprocessing.context.SpawnContext, config: ServerConfig, index: int
 ) -> tuple[BaseProcess, multiprocessing.connection.Connection]:
     receive, send = context.Pipe(duplex=False)
-    metrics_port = None if config.metrics_port is None else config.metrics_port + index
+    metrics_port = config.metrics_port and config.metrics_port + index  # None: off; 0: each picks a free one
     worker_config = dataclasses.replace(config, metrics_port=metrics_port)
     process = context.Process(target=_worker, args=(worker_config, send), name=f"orders-worker-{index}")
     process.start()
