@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import decimal
+import functools
 import numbers
 from typing import Any
 
@@ -30,19 +31,25 @@ def check_request(message: betterproto2.Message) -> None:
 
 
 def _check_message(message: betterproto2.Message, path: str) -> None:
-    for field in dataclasses.fields(message):
-        meta = betterproto2.FieldMetadata.get(field)
-        value = getattr(message, field.name)
-        name = f"{path}{field.name}"
-        if meta.optional and value is None:
+    for name, proto_type, optional, repeated in _fields(type(message)):
+        value = getattr(message, name)
+        where = f"{path}{name}"
+        if optional and value is None:
             continue
-        if not meta.repeated:
-            _check_value(meta.proto_type, value, name)
+        if not repeated:
+            _check_value(proto_type, value, where)
         elif isinstance(value, list):
             for index, element in enumerate(value):
-                _check_value(meta.proto_type, element, f"{name}[{index}]")
+                _check_value(proto_type, element, f"{where}[{index}]")
         else:
-            raise TypeError(f"{name} must be a list, not {type(value).__name__}")
+            raise TypeError(f"{where} must be a list, not {type(value).__name__}")
+
+
+@functools.cache
+def _fields(message_type: type[betterproto2.Message]) -> tuple[tuple[str, str, bool, bool], ...]:
+    """Each field's name, protobuf type, and whether it is optional or repeated."""
+    metadata = [(field.name, betterproto2.FieldMetadata.get(field)) for field in dataclasses.fields(message_type)]
+    return tuple((name, meta.proto_type, bool(meta.optional), bool(meta.repeated)) for name, meta in metadata)
 
 
 def _check_value(proto_type: str, value: Any, name: str) -> None:
