@@ -186,7 +186,8 @@ async def test_the_flags_and_their_environment_twins_set_the_limits(
                 "--max-watchers",
                 "7",
             ]
-        )
+        ),
+        parser,
     )
     assert (config.max_message_bytes, config.max_watchers, config.max_streams_per_connection) == (100, 7, 4)
     async with OrderServer(config) as server:

@@ -264,11 +264,13 @@ async def test_the_flag_prunes_in_a_real_server_process_and_numbering_survives_a
             await server.stop()
 
 
-def test_a_negative_retention_is_refused_with_a_clear_message():
+def test_a_negative_retention_is_refused_with_a_clear_message(capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
     add_server_arguments(parser)
-    with pytest.raises(SystemExit, match="retention-events"):
-        config_from_args(parser.parse_args(["--retention-events", "-1"]))
+    with pytest.raises(SystemExit) as exited:
+        config_from_args(parser.parse_args(["--retention-events", "-1"]), parser)
+    assert exited.value.code == 2  # a usage error
+    assert "--retention-events must be 0 or more, not -1" in capsys.readouterr().err
     with temporary_database() as url, pytest.raises(ValueError):
         Repository(open_database(url), retention_events=-1)
 
