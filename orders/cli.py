@@ -35,7 +35,7 @@ import betterproto2
 
 from orders._proto.orders.v1 import Order, OrderStatus, StatusUpdate
 from orders.auth import SecurityConfigError, check_token, client_ssl_context
-from orders.client import DEFAULT_TARGET, Item, OrderClient, parse_targets
+from orders.client import DEFAULT_HEARTBEAT_SECONDS, DEFAULT_TARGET, Item, OrderClient, parse_targets
 from orders.config import ServerConfig, add_server_arguments, config_from_args
 from orders.errors import OrderError
 
@@ -551,7 +551,13 @@ def build_parser() -> argparse.ArgumentParser:
     watch = client_command("watch", cmd_watch, "print status updates as they happen")
     watch.add_argument("ids", nargs="*", metavar="ID", help="order ids to watch (default: all orders)")
     watch.add_argument("--after-sequence", type=non_negative_int, help="first replay every update after this sequence")
-    watch.add_argument("--heartbeat", type=non_negative_int, default=0, help="ask for a heartbeat every N idle seconds")
+    watch.add_argument(
+        "--heartbeat",
+        type=non_negative_int,
+        default=DEFAULT_HEARTBEAT_SECONDS,
+        help="ask for a heartbeat every N idle seconds; none for 3 N s means the connection is lost (0: none;"
+        " default %(default)s)",
+    )
     watch.add_argument("--count", type=non_negative_int, help="exit after this many updates")
     watch.add_argument(
         "--no-reconnect", dest="reconnect", action="store_false", help="exit with an error when the stream drops"

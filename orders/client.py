@@ -183,8 +183,10 @@ _TRANSPORT_ERRORS = (GRPCError, StreamTerminatedError, ConnectionError, OSError,
 # error that made the call retry (a server that is down answers a connection attempt in well under it).
 MIN_ATTEMPT_SECONDS = 0.05
 # A watch with heartbeats that hears nothing for this many heartbeat intervals takes its connection as lost
-# (a peer gone without closing it, a network that drops packets) and resumes on a new one.
+# (a peer gone without closing it, a network that drops packets) and resumes on a new one. Watches ask for
+# heartbeats by default, so that such a connection is noticed without TCP's two-hour keepalive.
 SILENT_HEARTBEATS = 3
+DEFAULT_HEARTBEAT_SECONDS = 15
 
 
 class OrderClient:
@@ -414,7 +416,7 @@ class OrderClient:
         order_ids: Iterable[str] = (),
         *,
         after_sequence: int | None = None,
-        heartbeat_seconds: int = 0,
+        heartbeat_seconds: int = DEFAULT_HEARTBEAT_SECONDS,
         reconnect: bool = True,
         give_up_after: float | None = 60.0,
     ) -> AsyncIterator[StatusUpdate]:
@@ -424,7 +426,8 @@ class OrderClient:
         When the connection drops or the server goes away, the watch reconnects (to the next target, if
         there are several; with backoff once each has failed) and resumes after the last sequence it saw
         (heartbeats count), so nothing is missed or repeated.
-        With ``heartbeat_seconds`` N, a stream that hears nothing for 3 N seconds is taken as lost too.
+        The server sends a heartbeat after ``heartbeat_seconds`` N quiet seconds (default 15; 0: none), and
+        a stream that hears nothing for 3 N seconds is taken as lost too.
         It raises :class:`Unavailable` once attempts have failed in a row for ``give_up_after`` seconds
         (None: keep trying), or at the first failure when ``reconnect`` is False; a TLS set-up that no
         retry can mend (an untrusted certificate) fails at once. Heartbeats are used for resuming and not
