@@ -443,7 +443,7 @@ def client_options() -> argparse.ArgumentParser:
     parent.add_argument(
         "--target",
         type=target_arg,
-        default=os.environ.get("ORDERS_TARGET", DEFAULT_TARGET),
+        default=os.environ.get("ORDERS_TARGET") or DEFAULT_TARGET,  # empty is unset, as for ORDERS_TOKEN
         metavar="HOST:PORT[,HOST:PORT...]",
         help="server address, or comma-separated replicas to fail over between (ORDERS_TARGET; default %(default)s)",
     )

@@ -309,6 +309,9 @@ def test_unreachable_server_is_unavailable_without_traceback() -> None:
 def test_target_defaults_to_orders_target_env(target: str) -> None:
     result = orders("get", "00000000-0000-4000-8000-000000000001", env={**os.environ, "ORDERS_TARGET": target})
     assert_fails(result, "NOT_FOUND")
+    unset_target = {**os.environ, "ORDERS_TARGET": ""}
+    unset = orders("get", "00000000-0000-4000-8000-000000000001", "--timeout", "1", env=unset_target)
+    assert unset.returncode == 1 and "argument --target" not in unset.stderr, unset.stderr  # empty is unset
 
 
 def test_client_commands_start_without_loading_the_server_or_the_database_layer() -> None:
