@@ -105,7 +105,7 @@ class Recorder:
         except GRPCError as exc:
             self.errors[f"{kind}: {exc.status.name}"] += 1
             return None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.errors[f"{kind}: DEADLINE_EXCEEDED (client)"] += 1
             return None
         except (StreamTerminatedError, ConnectionError, OSError) as exc:

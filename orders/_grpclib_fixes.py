@@ -33,7 +33,7 @@ def _init_ignoring_unknown_frames(self: EventsProcessor, *args: Any, **kwargs: A
 @contextlib.contextmanager
 def _start_even_if_expired(self: DeadlineWrapper, deadline: Deadline) -> Iterator[None]:
     timer = asyncio.get_running_loop().call_later(
-        deadline.time_remaining(), self.cancel, asyncio.TimeoutError("Deadline exceeded")
+        deadline.time_remaining(), self.cancel, TimeoutError("Deadline exceeded")
     )
     try:
         yield

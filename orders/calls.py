@@ -248,7 +248,7 @@ class CallMiddleware:
         self.refuse_new_calls()
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._grace_over = True
             return False
         return True

@@ -135,7 +135,7 @@ def format_time(moment: datetime.datetime | None) -> str:
     """A timestamp as ISO 8601 UTC to the millisecond, or ``-`` when unset."""
     if moment is None:
         return "-"
-    return moment.astimezone(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return moment.astimezone(datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def format_money(amount: float, currency: str) -> str:

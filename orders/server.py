@@ -143,7 +143,7 @@ class OrderServer:
         self._connections.close_all()
         try:
             await asyncio.wait_for(self._server.wait_closed(), max(deadline - loop.time(), AFTER_GRACE))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("connections still open after the grace period; leaving them to the process exit")
         # A cancelled call's database work may still hold a storage thread (a write waiting for another
         # process's lock waits out SQLite's busy timeout): give it what is left of the grace period only.

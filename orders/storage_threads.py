@@ -309,7 +309,7 @@ class Storage:
         """
         try:
             await asyncio.wait_for(self._close_threads(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         return True
 

@@ -82,7 +82,7 @@ class ServerProcess:
         assert self.process.stdout is not None
         try:
             line = await asyncio.wait_for(self.process.stdout.readline(), START_TIMEOUT)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise AssertionError(f"the server did not start; log:\n{self.log.read_text()}") from None
         assert line.decode().strip() == f"Server started on port {self.port}", (line, self.log.read_text())
 
@@ -97,7 +97,7 @@ class ServerProcess:
         assert self.process is not None
         try:
             return await asyncio.wait_for(self.process.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await self.kill()
             raise AssertionError(f"the server did not exit within {timeout}s; log:\n{self.log.read_text()}") from None
 

@@ -286,7 +286,7 @@ async def test_watch_resumes_across_a_restart_without_gap_or_duplicate(tmp_path,
 
         try:
             await asyncio.wait_for(wait(), 20)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise AssertionError(f"waited for {sequence}, got {[u.sequence for u in received]}") from None
 
     async def changes(tag: str) -> None:

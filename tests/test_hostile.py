@@ -558,7 +558,7 @@ class Harness:
         before = await self.snapshot()
         try:
             code, message = await self.call(method, payload)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise AssertionError(f"{method} got no answer within {CALL_TIMEOUT}s: {payload[:200]!r}") from None
         tally.add(method, code)
         if len(payload) > LIMIT:
@@ -821,7 +821,7 @@ class RawH2:
         """Read once; False at EOF, reset or timeout."""
         try:
             data = await asyncio.wait_for(self.reader.read(65536), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         except ConnectionError:
             data = b""
@@ -863,7 +863,7 @@ class RawH2:
                 return False
             try:
                 data = await asyncio.wait_for(self.reader.read(65536), left)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return False
             except ConnectionError:
                 data = b""

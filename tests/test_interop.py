@@ -36,7 +36,7 @@ PROBE = Path(__file__).resolve().parent / "grpcio_probe.py"
 SERVICE = "orders.v1.OrderService"
 DEADLINE = 10.0  # seconds; every call has one, so a broken server fails a test instead of hanging it
 STARTED = re.compile(rb"Server started on port (\d+)")
-UTC = datetime.timezone.utc
+UTC = datetime.UTC
 
 
 # --- fixtures -------------------------------------------------------------------------------------------------

@@ -391,7 +391,7 @@ async def test_no_request_within_the_size_limit_stalls_the_server(tmp_path: Path
                 started = loop.time()
                 try:
                     await asyncio.wait_for(HealthStub(channel).Check(HealthCheckRequest()), TIMEOUT)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     raise AssertionError(f"{method}: the server did not answer a health check for {TIMEOUT}s") from None
                 slowest = max(slowest, loop.time() - started)
                 await asyncio.sleep(0.01)

@@ -114,7 +114,7 @@ class Watcher:
 
         try:
             await asyncio.wait_for(wait(), WAIT_TIMEOUT)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise AssertionError(f"{self.name}: no {what} within {WAIT_TIMEOUT}s; got {self.sequences}") from None
 
     async def wait_for_count(self, count: int) -> None:

@@ -75,7 +75,7 @@ def as_tuple(update: StatusUpdate) -> tuple[object, ...]:
     return (update.sequence, update.order_id, update.previous_status, update.status, update.timestamp)
 
 
-EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 
 
 def event_tuple(event: StatusEvent) -> tuple[object, ...]:
@@ -122,7 +122,7 @@ class Watch:
 
         try:
             await asyncio.wait_for(wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}; got {self.updates}") from None
 
     async def wait_for_sequence(self, sequence: int, timeout: float = 5.0) -> None:

@@ -127,7 +127,7 @@ def is_server_id(value: str) -> bool:
 
 def id_time(value: str) -> datetime.datetime:
     """The creation time a version-7 UUID carries (whole milliseconds)."""
-    return datetime.datetime.fromtimestamp((uuid.UUID(value).int >> 80) / 1000, datetime.timezone.utc)
+    return datetime.datetime.fromtimestamp((uuid.UUID(value).int >> 80) / 1000, datetime.UTC)
 
 
 # --- CreateOrder: rejected requests ------------------------------------------------------------
@@ -188,9 +188,9 @@ async def test_create_rejects_overlong_request_id(stub: OrderServiceStub) -> Non
 async def test_create_assigns_ids_and_returns_items_in_request_order(stub: OrderServiceStub) -> None:
     items = [("Laptop", 1, 1000.0), ("Mouse", 2, 25.0), ("Cable", 3, 4.99), ("Mouse", 2, 25.0)]
     client_ids = ["client-item", "dup", "dup", str(uuid.uuid4())]
-    before = datetime.datetime.now(datetime.timezone.utc)
+    before = datetime.datetime.now(datetime.UTC)
     order = await create(stub, items, item_ids=client_ids)
-    after = datetime.datetime.now(datetime.timezone.utc)
+    after = datetime.datetime.now(datetime.UTC)
 
     assert is_server_id(order.id)
     assert [(i.product_name, i.quantity, i.price) for i in order.items] == items
