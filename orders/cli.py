@@ -290,37 +290,55 @@ class DemoFailed(Exception):
 
 
 class DemoWatch:
-    """A background watch that prints each update as it arrives and lets the demo wait for it."""
+    """A background live watch that prints each update as it arrives and lets the demo wait for it."""
 
     def __init__(self, client: OrderClient, order_ids: list[str]) -> None:
         self.seen = 0
+        self.live_from: int | None = None  # the sequence of the first heartbeat
+        self._changes = 0  # made by the demo so far, each to be echoed by one update
         self._progress = asyncio.Event()
         self._task = asyncio.create_task(self._run(client, order_ids))
 
     async def _run(self, client: OrderClient, order_ids: list[str]) -> None:
-        # after_sequence=0 replays these orders' creation events, then goes live with no gap, so no
-        # update can slip past between starting the watch and the first status change.
-        async for update in client.watch(order_ids, after_sequence=0):
-            print(f"  [watch] {format_update(update, short=True)}", flush=True)
-            self.seen += 1
+        # Live only, with a heartbeat after each quiet second: the first one says that the server has
+        # registered the watch, and the demo changes the orders only then, so no change can slip past.
+        # (A replay from sequence 0 would fail on a server whose log retention has pruned it.)
+        async for update in client.watch(order_ids, heartbeat_seconds=1, heartbeats=True):
+            if not update.order_id:
+                if self.live_from is None:
+                    self.live_from = update.sequence
+                    print(f"  [watch] live: the server's event log is at sequence {update.sequence}", flush=True)
+            else:
+                print(f"  [watch] {format_update(update, short=True)}", flush=True)
+                self.seen += 1
             self._progress.set()
 
-    async def wait_for(self, count: int, timeout: float = 5.0) -> None:
-        """Wait until the watch has printed ``count`` updates in total; raise if it fails or stalls."""
+    async def wait_until_live(self, timeout: float = 5.0) -> None:
+        """Wait for the first heartbeat; raise if the watch fails or stalls."""
+        await self._wait(lambda: self.live_from is not None, timeout, "the watch did not start")
+
+    async def wait_for_echo(self, timeout: float = 5.0) -> None:
+        """Wait for the update of the change the demo just made (it may have come before the change's reply);
+        raise if the watch fails or stalls."""
+        self._changes += 1
+        count = self._changes
+        await self._wait(lambda: self.seen >= count, timeout, f"the watch did not print {count} updates")
+
+    async def _wait(self, done: Callable[[], bool], timeout: float, failure: str) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while self.seen < count:
+        while not done():
             if self._task.done():
                 self._task.result()  # raises the watch's own error, if it had one
                 raise DemoFailed("the watch ended unexpectedly")
             self._progress.clear()
             progress = asyncio.ensure_future(self._progress.wait())
-            done, _ = await asyncio.wait(
+            finished, _ = await asyncio.wait(
                 {progress, self._task}, timeout=deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED
             )
             progress.cancel()
-            if not done:
-                raise DemoFailed(f"the watch printed {self.seen} of {count} expected updates within {timeout:g}s")
+            if not finished:
+                raise DemoFailed(f"{failure} within {timeout:g}s")
 
     async def stop(self) -> None:
         """Cancel the watch task and wait for it to finish."""
@@ -371,10 +389,10 @@ async def run_demo(client: OrderClient) -> None:
         if not token:
             break
 
-    step("OrderStatusStream: watching the three orders (replay from sequence 0, then live)")
+    step("OrderStatusStream: watching the three orders live")
     watch = DemoWatch(client, ids)
     try:
-        await watch.wait_for(3)
+        await watch.wait_until_live()
         await run_status_changes(client, watch, laptop, keyboard, monitor)
 
         step("CreateOrder again with the same request_id: the original order, not a new one")
@@ -402,7 +420,7 @@ async def run_status_changes(
         order = await client.update_status(laptop.id, status, expected_version=laptop.version)
         laptop = order
         print(f"  {short_id(order.id)} is now {order.status.name} (version {order.version})", flush=True)
-        await watch.wait_for(watch.seen + 1)
+        await watch.wait_for_echo()
 
     step("UpdateOrderStatus: an illegal transition (PENDING -> DELIVERED)")
     await expect_error(client.update_status(keyboard.id, OrderStatus.DELIVERED))
@@ -413,7 +431,7 @@ async def run_status_changes(
     step("CancelOrder: the keyboard order")
     cancelled = await client.cancel(keyboard.id)
     print(f"  {short_id(cancelled.id)} is now {cancelled.status.name} (version {cancelled.version})", flush=True)
-    await watch.wait_for(watch.seen + 1)
+    await watch.wait_for_echo()
 
 
 async def demo(args: argparse.Namespace) -> None:

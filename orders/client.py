@@ -417,6 +417,7 @@ class OrderClient:
         *,
         after_sequence: int | None = None,
         heartbeat_seconds: int = DEFAULT_HEARTBEAT_SECONDS,
+        heartbeats: bool = False,
         reconnect: bool = True,
         give_up_after: float | None = 60.0,
     ) -> AsyncIterator[StatusUpdate]:
@@ -430,8 +431,13 @@ class OrderClient:
         a stream that hears nothing for 3 N seconds is taken as lost too.
         It raises :class:`Unavailable` once attempts have failed in a row for ``give_up_after`` seconds
         (None: keep trying), or at the first failure when ``reconnect`` is False; a TLS set-up that no
-        retry can mend (an untrusted certificate) fails at once. Heartbeats are used for resuming and not
-        yielded. The watch ends when the client is closed.
+        retry can mend (an untrusted certificate) fails at once. The watch ends when the client is closed.
+
+        Heartbeats are used for resuming; with ``heartbeats`` True they are yielded too, as updates with an
+        empty ``order_id`` whose ``sequence`` is how far the watch has read the log. A consumer that saves its
+        cursor to resume later should save these as well: while its orders are quiet, the log's retention
+        would otherwise overtake a cursor taken from their last update (OUT_OF_RANGE on resuming). The first
+        heartbeat also tells that the server has registered the watch: every change from then on will come.
         """
         ids = list(order_ids)
         cursor = after_sequence
@@ -452,7 +458,7 @@ class OrderClient:
                 async for update in _heard_within(stream, silence_limit):
                     failures, failing_since = 0, None
                     cursor = update.sequence
-                    if update.order_id:
+                    if update.order_id or heartbeats:
                         yield update
             except (_Silence, *_TRANSPORT_ERRORS) as exc:
                 lost = None

@@ -205,6 +205,31 @@ async def test_the_client_library_reports_out_of_range_and_does_not_retry_it():
         assert {16, 20} <= numbers_in(caught.value.message), caught.value.message
 
 
+async def test_a_consumer_that_saves_heartbeat_sequences_resumes_inside_the_log_while_its_order_is_quiet():
+    async with retaining() as (server, stub), OrderClient(f"127.0.0.1:{server.port}") as client:
+        quiet = await create(stub, "quiet")  # sequence 1
+        updates = client.watch([quiet.id], after_sequence=0, heartbeat_seconds=1, heartbeats=True)
+        [created] = await take(updates, 1)
+        assert (created.sequence, created.order_id) == (1, quiet.id)
+        await twenty_events(stub)  # other orders' events 2 to 21: the log keeps 17 to 21
+
+        async def heartbeat_at_the_head() -> StatusUpdate:
+            async for update in updates:
+                assert update.order_id == "", update  # heartbeats only: nothing else changes the quiet order
+                if update.sequence == 21:
+                    return update
+            raise AssertionError("the watch ended")
+
+        heartbeat = await asyncio.wait_for(heartbeat_at_the_head(), 10)
+        await updates.aclose()
+        with pytest.raises(OutOfRange):  # the last update's sequence has fallen out of the log ...
+            await take(client.watch([quiet.id], after_sequence=created.sequence, reconnect=False), 1)
+        resumed = client.watch([quiet.id], after_sequence=heartbeat.sequence)  # ... the heartbeat's has not
+        await set_status(stub, quiet.id, OrderStatus.CONFIRMED)
+        [confirmed] = await take(resumed, 1)
+        assert (confirmed.sequence, confirmed.order_id, confirmed.status) == (22, quiet.id, OrderStatus.CONFIRMED)
+
+
 # --- restarts: numbering never restarts ----------------------------------------------------------
 
 
