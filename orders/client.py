@@ -126,7 +126,7 @@ def parse_targets(targets: str | Sequence[str]) -> tuple[str, ...]:
     return cleaned
 
 
-def _as_error(exc: BaseException) -> OrderError:
+def _as_error(exc: BaseException, *, plaintext: bool) -> OrderError:
     if isinstance(exc, GRPCError):
         return error_for(exc.status.name, exc.message or exc.status.name)
     if isinstance(exc, asyncio.TimeoutError):  # grpclib's client-side deadline (an OSError on 3.11+)
@@ -138,6 +138,9 @@ def _as_error(exc: BaseException) -> OrderError:
         )
     if isinstance(exc, _MALFORMED_REPLY):
         return Internal(f"the server's reply broke the gRPC protocol: {exc}")
+    if plaintext and isinstance(exc, StreamTerminatedError) and str(exc) == _CONNECTION_LOST:
+        # Also what a TLS server does with a plaintext client: it drops the connection without a word.
+        return Unavailable(f"cannot reach the server: {exc} (if the server serves TLS, connect with TLS)")
     return Unavailable(f"cannot reach the server: {exc}")
 
 
@@ -178,6 +181,7 @@ def _the_order(response: _OrderResponse) -> Order:
 # What grpclib raises for a reply it cannot read: a protocol violation, a compressed message (not
 # supported), a message cut short (an assertion in grpclib).
 _MALFORMED_REPLY = (ProtocolError, NotImplementedError, AssertionError)
+_CONNECTION_LOST = "Connection lost"  # grpclib's StreamTerminatedError when the peer closes the connection
 _TRANSPORT_ERRORS = (GRPCError, StreamTerminatedError, ConnectionError, OSError, *_MALFORMED_REPLY)
 # A retry is not started with less time left than this: it would end in DEADLINE_EXCEEDED, hiding the
 # error that made the call retry (a server that is down answers a connection attempt in well under it).
@@ -397,7 +401,7 @@ class OrderClient:
         the next target (unless a concurrent call has already moved the client on)."""
         if self._closed and not isinstance(exc, GRPCError):
             return Unavailable("the client was closed while the call was in flight")
-        error = error or _as_error(exc)
+        error = error or _as_error(exc, plaintext=not self.tls)
         if isinstance(error, Unavailable) and self._current == index and len(self.targets) > 1:
             self._current = (index + 1) % len(self.targets)
             log.info("%s is unavailable (%s); moving on to %s", self.targets[index], error, self.target)

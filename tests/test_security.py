@@ -372,7 +372,7 @@ async def test_a_client_not_trusting_the_ca_is_unavailable(
 
 async def test_a_plaintext_client_against_the_tls_port_fails_promptly(tls_server: OrderServer) -> None:
     async with client(tls_server) as plaintext:
-        await assert_refused_promptly(plaintext)
+        await assert_refused_promptly(plaintext, "if the server serves TLS, connect with TLS")
 
 
 async def test_a_tls_client_against_a_plaintext_server_fails_promptly(certs: SimpleNamespace) -> None:
@@ -539,6 +539,7 @@ def test_cli_without_the_ca_is_unavailable(secure_target: str, trust: list[str])
     started = time.monotonic()
     result = cli("get", str(uuid.uuid4()), "--target", secure_target, "--token", TOKEN, "--timeout", "5", *trust)
     assert_fails(result, "UNAVAILABLE")
+    assert "TLS" in result.stderr  # plaintext: "if the server serves TLS, ..."; the system store: the handshake
     assert time.monotonic() - started < TIMEOUT
 
 
