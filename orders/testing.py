@@ -21,10 +21,11 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, multiple, rule
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, multiple, precondition, rule
 
 from orders import domain
 from orders._proto.orders.v1 import CreateOrderRequest, Order, OrderItem, OrderStatus, StatusUpdate
@@ -32,8 +33,20 @@ from orders.client import Item, OrderClient
 from orders.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OrderError
 from orders.server import OrderServer, ServerConfig
 
-T = TypeVar("T")
+__all__ = [
+    "OrderStateMachine",
+    "create_requests",
+    "currencies",
+    "invalid_create_requests",
+    "items",
+    "prices",
+    "product_names",
+    "running_server",
+    "serve",
+    "temporary_database",
+]
 
+T = TypeVar("T")
 
 DATABASE_ENV = "ORDERS_TEST_DATABASE"
 
@@ -44,9 +57,15 @@ def temporary_database(server: str | None = None) -> Iterator[str]:
 
     ``server`` (default: ``$ORDERS_TEST_DATABASE``, else ``sqlite``) is ``sqlite`` for a file in a temporary
     directory, or the URL of any database on a PostgreSQL server (``postgresql://postgres@127.0.0.1:5432/test``)
-    to create a new database there, named ``orders_test_…``, and drop it afterwards.
+    to create a new database there, named ``orders_test_…``, and drop it afterwards: its user needs the
+    CREATEDB privilege, and the server must be PostgreSQL 13 or newer.
     """
     server = server or os.environ.get(DATABASE_ENV) or "sqlite"
+    if urllib.parse.urlsplit(server).scheme not in ("postgres", "postgresql") and server != "sqlite":
+        raise ValueError(
+            f"a temporary database is made on 'sqlite' (a temporary file) or on a PostgreSQL server given as "
+            f"postgresql://user@host:port/db, not on {server!r}"
+        )
     if server == "sqlite":
         with tempfile.TemporaryDirectory(prefix="orders-") as tmp:
             yield f"sqlite:///{Path(tmp) / 'orders.db'}"
@@ -70,20 +89,29 @@ def _libpq_url(url: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def running_server(db: str | None = None, **config: object) -> AsyncIterator[OrderServer]:
-    """A started :class:`OrderServer` on a free port and, unless ``db`` is given, a :func:`temporary_database`."""
+async def running_server(db: str | None = None, **config: Any) -> AsyncIterator[OrderServer]:
+    """A started :class:`OrderServer` on 127.0.0.1 and a free port (``server.port``), on ``db`` or else a
+    :func:`temporary_database`. ``config``: any other :class:`~orders.config.ServerConfig` field
+    (``token``, ``retention_events``, ``max_message_bytes``, …)."""
+    if "port" in config:
+        raise TypeError("running_server() picks a free port itself (server.port); it takes no port")
     with contextlib.ExitStack() as stack:
         url = db or stack.enter_context(temporary_database())
-        async with OrderServer(ServerConfig(port=0, db=url, **config)) as server:  # type: ignore[arg-type]
+        async with OrderServer(ServerConfig(port=0, db=url, **config)) as server:
             yield server
 
 
 @contextlib.asynccontextmanager
-async def serve(db: str | None = None, **client_options: object) -> AsyncIterator[OrderClient]:
-    """Run a real server on a temporary database and yield a client connected to it."""
+async def serve(
+    db: str | None = None, *, token: str | None = None, **client_options: Any
+) -> AsyncIterator[OrderClient]:
+    """Run a real server (on ``db``, else a :func:`temporary_database`) and yield a client connected to it.
+
+    ``token``: the server requires it and the client sends it. ``client_options``: any other
+    :class:`~orders.client.OrderClient` argument (``timeout``, ``retry``)."""
     async with (
-        running_server(db) as server,
-        OrderClient(f"127.0.0.1:{server.port}", **client_options) as client,  # type: ignore[arg-type]
+        running_server(db, token=token) as server,
+        OrderClient(f"127.0.0.1:{server.port}", token=token, **client_options) as client,
     ):
         yield client
 
@@ -99,12 +127,17 @@ def product_names() -> st.SearchStrategy[str]:
 
 
 def prices(max_cents: int = 10**8) -> st.SearchStrategy[float]:
-    """Valid unit prices: whole numbers of cents."""
+    """Valid unit prices: whole numbers of cents, up to ``max_cents``."""
+    largest = domain.MAX_PRICE_UNITS * domain.CENTS_PER_UNIT
+    if not 0 <= max_cents <= largest:
+        raise ValueError(f"max_cents must be from 0 to {largest:_}, the largest valid price in cents")
     return st.integers(0, max_cents).map(domain.to_units)
 
 
 def items(max_quantity: int = 1_000) -> st.SearchStrategy[Item]:
-    """Valid items with totals small enough that any few of them form a valid order."""
+    """Valid items; with the default bounds, totals small enough that any few of them form a valid order."""
+    if not 1 <= max_quantity <= domain.MAX_QUANTITY:
+        raise ValueError(f"max_quantity must be from 1 to {domain.MAX_QUANTITY}, the largest valid quantity")
     return st.builds(Item, product_names(), st.integers(1, max_quantity), prices())
 
 
@@ -142,11 +175,14 @@ def _computed_total(request: CreateOrderRequest) -> float:
 
 def invalid_create_requests() -> st.SearchStrategy[CreateOrderRequest]:
     """CreateOrderRequests that break exactly one validation rule (INVALID_ARGUMENT)."""
+    printable = st.characters(blacklist_categories=("Cc", "Cs"))
     bad_name = st.one_of(
         st.just(""),
         st.text(" \t", min_size=1, max_size=5),
-        st.text(min_size=domain.MAX_NAME_LENGTH + 1, max_size=domain.MAX_NAME_LENGTH + 20).filter(str.strip),
-        st.builds(lambda a, c: a + c, st.text(max_size=5), st.characters(whitelist_categories=("Cc",))),
+        st.text(printable, min_size=domain.MAX_NAME_LENGTH + 1, max_size=domain.MAX_NAME_LENGTH + 20).filter(str.strip),
+        st.builds(
+            lambda a, c: "x" + a + c, st.text(printable, max_size=5), st.characters(whitelist_categories=("Cc",))
+        ),
     )
     bad_quantity = st.one_of(st.integers(-(2**31), 0), st.integers(domain.MAX_QUANTITY + 1, 2**31 - 1))
     bad_price = st.one_of(
@@ -183,23 +219,28 @@ class ModelOrder:
     version: int = 1
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])  # each example starts a server
 class OrderStateMachine(RuleBasedStateMachine):
     """Drives random create/update/cancel/get/list sequences through :class:`OrderClient` against a
     real server and checks every reply, and the contents of a watch stream, against an in-memory model.
 
-    Each example runs on a fresh :func:`temporary_database` (``ORDERS_TEST_DATABASE`` picks SQLite or
-    PostgreSQL); subclass and set ``db`` to use one given database URL instead, which must start empty.
-    Run it with ``TestOrders = OrderStateMachine.TestCase``.
+    Run it with ``TestOrders = OrderStateMachine.TestCase``; to change how much it runs, keep its settings
+    as the parent: ``TestOrders.settings = settings(TestOrders.settings, max_examples=50)``. Each example
+    gets a fresh server on a fresh :func:`temporary_database` (``ORDERS_TEST_DATABASE`` picks SQLite or
+    PostgreSQL); override :meth:`connect` to drive another server.
     """
 
-    db: str | None = None
     orders = Bundle("orders")
 
     def __init__(self) -> None:
         super().__init__()
         self.loop = asyncio.new_event_loop()
         self.stack = contextlib.AsyncExitStack()
-        self.client: OrderClient = self._run(self._start())
+        try:
+            self.client: OrderClient = self._run(self.stack.enter_async_context(self.connect()))
+        except BaseException:
+            self.loop.close()
+            raise
         self.model: dict[str, ModelOrder] = {}
         self.created: list[str] = []
         self.expected_events: list[tuple[str, domain.Status | None, domain.Status]] = []
@@ -207,8 +248,10 @@ class OrderStateMachine(RuleBasedStateMachine):
         self.request_ids: dict[str, tuple[CreateOrderRequest, str]] = {}
         self.watcher = self.loop.create_task(self._watch())
 
-    async def _start(self) -> OrderClient:
-        return await self.stack.enter_async_context(serve(self.db))
+    def connect(self) -> contextlib.AbstractAsyncContextManager[OrderClient]:
+        """A client of the service to check, which must start with no orders and no events, for one example
+        (default: :func:`serve`, a new server on a new temporary database)."""
+        return serve()
 
     async def _watch(self) -> None:
         async for update in self.client.watch(after_sequence=0):
@@ -218,30 +261,30 @@ class OrderStateMachine(RuleBasedStateMachine):
         return self.loop.run_until_complete(coro)
 
     def teardown(self) -> None:
-        self.watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            self._run(self.watcher)
-        self._run(self.stack.aclose())
-        self.loop.close()
+        """Stop the watch and the server, and close the example's event loop, whatever fails."""
+        try:
+            self.watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                self._run(self.watcher)  # raises the watch's own error, if it had one
+        finally:
+            try:
+                self._run(self.stack.aclose())
+            finally:
+                self.loop.close()
 
     # --- rules ---------------------------------------------------------------------------------
 
-    @rule(target=orders, request=create_requests(), reuse_key=st.booleans())
-    def create(self, request: CreateOrderRequest, reuse_key: bool) -> str:
-        request_id = ""
-        if reuse_key and self.request_ids:
-            request_id = sorted(self.request_ids)[0]
-        elif reuse_key:
-            request_id = f"key-{len(self.request_ids)}"
+    @rule(target=orders, request=create_requests(), key=st.none() | st.integers(0, 3))
+    def create(self, request: CreateOrderRequest, key: int | None) -> str:
+        """A create without a request_id, or with one of a few, which may already have made an order."""
+        request_id = "" if key is None else f"key-{key}"
         if request_id in self.request_ids:
             first_request, order_id = self.request_ids[request_id]
-            same = _fingerprint(first_request) == _fingerprint(request)
-            if not same:
+            if _fingerprint(first_request) != _fingerprint(request):
                 with _raises(AlreadyExists):
                     self._run(self._create(request, request_id))
                 return multiple()
-            order = self._run(self._create(request, request_id))
-            assert order.id == order_id
+            assert self._run(self._create(request, request_id)).id == order_id
             return multiple()
         order = self._run(self._create(request, request_id))
         new = domain.validate_new_order(
@@ -256,6 +299,16 @@ class OrderStateMachine(RuleBasedStateMachine):
         if request_id:
             self.request_ids[request_id] = (request, order.id)
         return order.id
+
+    @precondition(lambda self: bool(self.request_ids))
+    @rule(data=st.data())
+    def create_again(self, data: st.DataObject) -> None:
+        """The same create sent again under its request_id (a retry): the original order, unchanged."""
+        request_id = data.draw(st.sampled_from(sorted(self.request_ids)), label="request_id")
+        request, order_id = self.request_ids[request_id]
+        order = self._run(self._create(request, request_id))
+        assert order.id == order_id
+        self._check(order, self.model[order_id])
 
     async def _create(self, request: CreateOrderRequest, request_id: str) -> Order:
         items = [Item(i.product_name, i.quantity, i.price) for i in request.items]
@@ -349,6 +402,9 @@ class OrderStateMachine(RuleBasedStateMachine):
     def stream_matches_the_model(self) -> None:
         async def caught_up() -> None:
             while len(self.seen) < len(self.expected_events):
+                if self.watcher.done():
+                    self.watcher.result()  # raises the watch's error
+                    raise AssertionError("the watch ended")
                 await asyncio.sleep(0.002)
 
         self._run(asyncio.wait_for(caught_up(), 5))

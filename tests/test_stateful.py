@@ -1,13 +1,8 @@
 """The hypothesis state machine from orders.testing, run against a real server over a real socket."""
 
-from hypothesis import HealthCheck, settings
+from hypothesis import settings
 
 from orders.testing import OrderStateMachine
 
 TestOrderService = OrderStateMachine.TestCase
-TestOrderService.settings = settings(
-    max_examples=50,
-    stateful_step_count=30,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+TestOrderService.settings = settings(TestOrderService.settings, max_examples=50, stateful_step_count=30)
