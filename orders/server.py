@@ -220,7 +220,8 @@ def configure_logging(level: str, log_format: str = "text") -> None:
 
 
 def _unusable(config: ServerConfig, exc: DatabaseUnusable) -> SystemExit:
-    return SystemExit(f"orders serve: the database {redacted(config.db)} is unusable: {exc}")
+    reason = " ".join(line.strip() for line in str(exc).splitlines())  # one line, though drivers' may be several
+    return SystemExit(f"orders serve: the database {redacted(config.db)} is unusable: {reason}")
 
 
 async def prepare_database(config: ServerConfig) -> None:

@@ -411,6 +411,7 @@ def test_serve_with_a_database_it_cannot_open_says_why_in_one_line(db: str, says
     result = orders("serve", "--port", "0", "--db", db.format(tmp=tmp_path))
     assert result.returncode == 1
     assert result.stderr.startswith("orders serve: ") and says in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr  # PostgreSQL's own message has two lines
     assert "Traceback" not in result.stderr and "hunter2" not in result.stderr
     assert result.stdout == ""
 
