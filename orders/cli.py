@@ -189,8 +189,8 @@ class Output:
         self._emit(order, format_order_summary(order))
 
     def update(self, update: StatusUpdate) -> None:
-        """Print one status update."""
-        self._emit(update, format_update(update))
+        """Print one status update, or a heartbeat (no order id)."""
+        self._emit(update, format_update(update) if update.order_id else f"seq={update.sequence} heartbeat")
 
 
 def print_error(error: OrderError) -> None:
@@ -243,11 +243,14 @@ async def cmd_watch(client: OrderClient, args: argparse.Namespace, out: Output) 
         args.ids,
         after_sequence=args.after_sequence,
         heartbeat_seconds=args.heartbeat,
+        heartbeats=args.heartbeats,
         reconnect=args.reconnect,
         give_up_after=args.timeout,
     )
     async for update in updates:
         out.update(update)
+        if not update.order_id:  # a heartbeat
+            continue
         seen += 1
         if seen == args.count:
             break
@@ -576,7 +579,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="ask for a heartbeat every N idle seconds; none for 3 N s means the connection is lost (0: none;"
         " default %(default)s)",
     )
-    watch.add_argument("--count", type=non_negative_int, help="exit after this many updates")
+    watch.add_argument(
+        "--show-heartbeats",
+        dest="heartbeats",
+        action="store_true",
+        help="print heartbeats too (seq = how far the log has been read: a cursor to save for --after-sequence)",
+    )
+    watch.add_argument("--count", type=non_negative_int, help="exit after this many updates (heartbeats not counted)")
     watch.add_argument(
         "--no-reconnect", dest="reconnect", action="store_false", help="exit with an error when the stream drops"
     )

@@ -279,6 +279,26 @@ def test_watch_human_output(target: str) -> None:
     assert f" {order['id']} (new) -> PENDING at " in result.stdout
 
 
+def test_watch_can_show_heartbeats_as_cursors_to_resume_from(target: str) -> None:
+    order = create(target, "Lamp:1:30.00")
+    arguments = ("watch", order["id"], "--heartbeat", "1", "--show-heartbeats", "--count", "1", "--target", target)
+    text = spawn(ORDERS, *arguments)
+    as_json = spawn(ORDERS, *arguments, "--json")
+    try:
+        heartbeat = read_line(text)
+        assert re.fullmatch(r"seq=\d+ heartbeat", heartbeat), heartbeat
+        cursor = json.loads(read_line(as_json))
+        assert cursor["orderId"] == "" and int(cursor["sequence"]) >= int(heartbeat.split()[0].removeprefix("seq="))
+        call_json(target, "update", order["id"], "confirmed")
+        assert json.loads(read_line(as_json))["status"] == "ORDER_STATUS_CONFIRMED"
+        assert as_json.wait(TIMEOUT) == 0  # --count 1 counts the update, not the heartbeats
+        resumed = call_json(target, "watch", order["id"], "--after-sequence", cursor["sequence"], "--count", "1")
+        assert resumed[0]["status"] == "ORDER_STATUS_CONFIRMED"  # nothing between the cursor and the change
+    finally:
+        stop(text)
+        stop(as_json)
+
+
 def test_watch_ctrl_c_exits_130_quietly(target: str) -> None:
     create(target, "Drum:1:99.00")
     watch = spawn(ORDERS, "watch", "--after-sequence", "0", "--target", target)
