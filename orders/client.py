@@ -38,6 +38,7 @@ import math
 import os
 import random
 import re
+import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -181,6 +182,8 @@ def _the_order(response: _OrderResponse) -> Order:
 # What grpclib raises for a reply it cannot read: a protocol violation, a compressed message (not
 # supported), a message cut short (an assertion in grpclib).
 _MALFORMED_REPLY = (ProtocolError, NotImplementedError, AssertionError)
+# Failures to connect at all: the request never left, so even a call that is not safe to repeat is retried.
+_NEVER_SENT = (ConnectionRefusedError, socket.gaierror)
 _CONNECTION_LOST = "Connection lost"  # grpclib's StreamTerminatedError when the peer closes the connection
 _TRANSPORT_ERRORS = (GRPCError, StreamTerminatedError, ConnectionError, OSError, *_MALFORMED_REPLY)
 # A retry is not started with less time left than this: it would end in DEADLINE_EXCEEDED, hiding the
@@ -201,7 +204,8 @@ class OrderClient:
     them, ``target`` the one calls go to now. Each target has its own channel, connected when first used.
     A call that fails in a way safe to retry is retried on the next target (round-robin), immediately,
     with backoff only once every target has failed in a row; a retryable call makes at least one attempt
-    per target. UNAVAILABLE from any call, retried or not, moves the client on to the next target.
+    per target. A call that is not safe to repeat (a status change with ``expected_version``) is retried
+    only while connections are refused, which proves that it never left. UNAVAILABLE from any call, retried or not, moves the client on to the next target.
 
     ``token``: a bearer token, sent as ``authorization: Bearer <token>`` metadata on every call; a server
     started with ``--token`` refuses calls without it (:class:`orders.errors.Unauthenticated`). Without TLS
@@ -376,20 +380,22 @@ class OrderClient:
         *,
         retry: bool,
     ) -> R:
-        """Send ``request`` with ``method`` of the current target's stub; if ``retry``, retry it as the
-        class docstring says, within one deadline."""
+        """Send ``request`` with ``method`` of the current target's stub and retry it as the class docstring
+        says, within one deadline: if ``retry`` (it is safe to repeat), or else only while connections are
+        refused, which proves that it was never sent."""
         _check_timeout(timeout)
         check_request(request)  # type: ignore[arg-type]  # every request is a generated message
         timeout = self.timeout if timeout is None else timeout
         deadline = Deadline.from_timeout(timeout) if timeout is not None else None
-        attempts = max(self.retry.attempts, len(self.targets)) if retry else 1
+        attempts = max(self.retry.attempts, len(self.targets))
         for attempt in range(1, attempts + 1):
             index = self._current
             try:
                 return await method(self._stubs[index])(request, deadline=deadline)
             except _TRANSPORT_ERRORS as exc:
                 error = self._failed(index, exc)
-                retryable = _is_retryable(error, exc) and attempt < attempts and not self._closed
+                safe = retry or isinstance(exc, _NEVER_SENT)
+                retryable = safe and _is_retryable(error, exc) and attempt < attempts and not self._closed
                 delay = self._pause(attempt)
                 if not retryable or (deadline is not None and deadline.time_remaining() <= delay + MIN_ATTEMPT_SECONDS):
                     raise error from exc

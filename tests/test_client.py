@@ -4,6 +4,7 @@ retries when nothing listens, and idempotent creates and gap-free watches across
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import decimal
 import re
 import socket
@@ -188,7 +189,8 @@ async def test_nothing_listening_is_unavailable_after_retries_within_the_timeout
         assert attempts == 4, "reads are retried, up to the policy's attempts"
         assert elapsed < 3
 
-        # a status change with expected_version is not safe to repeat: one attempt only
+        # a status change with expected_version is not safe to repeat, but a refused connection proves it
+        # was never sent: retried as well
         attempts = 0
         update = client._stubs[0].update_order_status
 
@@ -202,7 +204,7 @@ async def test_nothing_listening_is_unavailable_after_retries_within_the_timeout
             await asyncio.wait_for(
                 client.update_status(str(uuid.uuid4()), OrderStatus.CONFIRMED, expected_version=1), 10
             )
-        assert attempts == 1
+        assert attempts == 4
 
 
 async def test_retries_stop_at_the_timeout():
@@ -565,10 +567,32 @@ async def test_a_retryable_call_moves_on_to_the_next_target_at_once(server):
         assert time.monotonic() - started < 5
 
 
-async def test_a_change_with_expected_version_is_not_resent_to_another_target(server, client):
+@contextlib.asynccontextmanager
+async def dropping_target() -> AsyncIterator[str]:
+    """A target that accepts connections and drops each once the client has sent something: a request
+    that may or may not have reached a server."""
+
+    async def drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        writer.close()
+
+    listener = await asyncio.start_server(drop, "127.0.0.1", 0)
+    try:
+        yield f"127.0.0.1:{listener.sockets[0].getsockname()[1]}"
+    finally:
+        listener.close()
+
+
+async def test_a_change_with_expected_version_is_resent_only_if_it_never_left(server, client):
     order = await client.create([Item("Laptop", 1, 1000.0)])
     live = f"127.0.0.1:{server.port}"
     async with OrderClient([dead_target(), live], timeout=10, retry=FAST_RETRY) as failover:
+        updates = count_calls(failover, "update_order_status")
+        confirmed = await failover.update_status(order.id, OrderStatus.CONFIRMED, expected_version=1)
+        assert updates == [1, 1], "the first target refused the connection: sent to the next one"
+        assert (confirmed.status, confirmed.version) == (OrderStatus.CONFIRMED, 2)
+    order = await client.create([Item("Laptop", 1, 1000.0)])
+    async with dropping_target() as dropping, OrderClient([dropping, live], timeout=10, retry=FAST_RETRY) as failover:
         updates = count_calls(failover, "update_order_status")
         with pytest.raises(Unavailable):
             await failover.update_status(order.id, OrderStatus.CONFIRMED, expected_version=1)
@@ -579,7 +603,7 @@ async def test_a_change_with_expected_version_is_not_resent_to_another_target(se
         assert (confirmed.status, confirmed.version) == (OrderStatus.CONFIRMED, 2)
         assert updates == [1, 1]
 
-    async with OrderClient([dead_target(), live], timeout=10, retry=FAST_RETRY) as failover:
+    async with dropping_target() as dropping, OrderClient([dropping, live], timeout=10, retry=FAST_RETRY) as failover:
         cancels = count_calls(failover, "cancel_order")
         with pytest.raises(Unavailable):
             await failover.cancel(order.id, expected_version=2)
