@@ -205,7 +205,8 @@ class OrderClient:
     A call that fails in a way safe to retry is retried on the next target (round-robin), immediately,
     with backoff only once every target has failed in a row; a retryable call makes at least one attempt
     per target. A call that is not safe to repeat (a status change with ``expected_version``) is retried
-    only while connections are refused, which proves that it never left. UNAVAILABLE from any call, retried or not, moves the client on to the next target.
+    only while connections are refused, which proves that it never left. UNAVAILABLE from any call,
+    retried or not, moves the client on to the next target.
 
     ``token``: a bearer token, sent as ``authorization: Bearer <token>`` metadata on every call; a server
     started with ``--token`` refuses calls without it (:class:`orders.errors.Unauthenticated`). Without TLS
