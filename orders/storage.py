@@ -41,6 +41,13 @@ NOTIFY_EVENTS_SQL = "SELECT pg_notify('orders_events', '')"
 LISTEN_EVENTS_SQL = "LISTEN orders_events"
 LISTEN_RETRY_MAX = 5.0  # seconds between attempts to re-establish a lost LISTEN connection, at most
 POSTGRES_CONNECT_TIMEOUT = 5  # seconds; a URL may set its own ``connect_timeout``
+# A replica that stops in the middle of a write (paused, frozen, cut off from the network) would hold the
+# write lock, and so stop every replica's writes, until the database noticed; after this long idle inside
+# a transaction the database ends its session instead (no write of ours pauses for more than milliseconds).
+POSTGRES_IDLE_IN_TRANSACTION_MS = 10_000
+# TCP keepalives (libpq's, so a URL may set its own): a database server that vanished without closing the
+# connection is noticed within about half a minute, instead of a read waiting for hours.
+POSTGRES_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
 SQLITE_PRAGMAS = {
     "journal_mode": "wal",
     "synchronous": "full",
@@ -155,14 +162,21 @@ MODELS: tuple[type[_Model], ...] = (OrderRow, ItemRow, EventRow, IdempotencyRow,
 
 def open_database(url: str) -> peewee.Database:
     """Open a database from a ``playhouse.db_url`` URL: SQLite with its durability settings, or PostgreSQL
-    (``postgresql://user@host:port/dbname``, needs the ``postgres`` extra) with a connect timeout.
+    (``postgresql://user@host:port/dbname``, needs the ``postgres`` extra) with a connect timeout, TCP
+    keepalives and a limit on a session's idle time inside a transaction.
     ValueError for any other URL (see :func:`check_database_url`)."""
     check_database_url(url)
     if url.startswith("sqlite"):
         return db_url.connect(url, pragmas=SQLITE_PRAGMAS, timeout=10)
     database = db_url.connect(url)
     if isinstance(database, peewee.PostgresqlDatabase):
-        database.connect_params.setdefault("connect_timeout", POSTGRES_CONNECT_TIMEOUT)
+        params = database.connect_params
+        params.setdefault("connect_timeout", POSTGRES_CONNECT_TIMEOUT)
+        for name, value in POSTGRES_KEEPALIVES.items():
+            params.setdefault(name, value)
+        # first, so that a URL's own ?options=-c idle_in_transaction_session_timeout=... wins
+        timeout = f"-c idle_in_transaction_session_timeout={POSTGRES_IDLE_IN_TRANSACTION_MS}"
+        params["options"] = f"{timeout} {params.get('options', '')}".strip()
     return database
 
 

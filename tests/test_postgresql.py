@@ -11,11 +11,13 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import peewee
 import psycopg
 import pytest
 from server_process import free_port
 
 import orders.server
+import orders.storage
 from orders.client import Item, OrderClient
 from orders.domain import NewOrder, Status, validate_new_order
 from orders.storage import SCHEMA_VERSION, Repository, open_database
@@ -138,3 +140,24 @@ def test_an_unreachable_postgresql_is_a_one_line_startup_error() -> None:
     assert result.stderr.startswith("orders serve: the database postgresql://postgres:***@127.0.0.1:")
     assert "Connection refused" in result.stderr and "secret" not in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_a_replica_frozen_in_the_middle_of_a_write_holds_up_the_others_only_briefly(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica paused or cut off while holding the write lock (here: a connection opened as a replica
+    opens it, that takes the lock and then does nothing) has its session ended by the database, so the
+    other replicas' writes go on."""
+    monkeypatch.setattr(orders.storage, "POSTGRES_IDLE_IN_TRANSACTION_MS", 1000)
+    async with running_server(database_url) as server, OrderClient(f"127.0.0.1:{server.port}") as client:
+        await client.create([Item("Before", 1, 1.0)])
+        frozen = open_database(database_url)
+        frozen.execute_sql("BEGIN")
+        frozen.execute_sql("SELECT pg_advisory_xact_lock(%s)", (orders.storage.WRITE_LOCK_KEY,))
+        started = time.monotonic()
+        order = await client.create([Item("While frozen", 1, 1.0)], timeout=TIMEOUT)
+        assert 0.8 < time.monotonic() - started < 5, "held up by the lock until the session was ended"
+        with pytest.raises(peewee.DatabaseError, match="idle-in-transaction"):  # that session is gone
+            frozen.execute_sql("SELECT 1")
+        frozen.close()
+        assert (await client.get(order.id)).id == order.id
