@@ -10,16 +10,19 @@ is also how separate replicas on several machines work.
 
 It prints ``Server started on port N`` once every worker accepts connections; SIGTERM or SIGINT is
 passed on to every worker, each drains as a single server does, and the supervisor exits 0 once all
-have. A worker that dies on its own is replaced.
+have. A worker that dies on its own is replaced; a supervisor killed outright (``kill -9``, the OOM
+killer) takes its workers with it (on Linux), so that none is left holding the port.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
 import signal
 import socket
 import sys
@@ -34,6 +37,7 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT = 60.0  # seconds a worker gets to open the database and start listening
 RESTART_DELAY = 1.0  # seconds before a worker that died is replaced, so a crash loop does not spin
+PR_SET_PDEATHSIG = 1  # Linux prctl(2): the signal this process gets when its parent dies
 
 
 def supervise(config: ServerConfig) -> int:
@@ -76,7 +80,7 @@ def _start(
     receive, send = context.Pipe(duplex=False)
     metrics_port = config.metrics_port and config.metrics_port + index  # None: off; 0: each picks a free one
     worker_config = dataclasses.replace(config, metrics_port=metrics_port)
-    process = context.Process(target=_worker, args=(worker_config, send), name=f"orders-worker-{index}")
+    process = context.Process(target=_worker, args=(worker_config, send, os.getpid()), name=f"orders-worker-{index}")
     process.start()
     send.close()
     return process, receive
@@ -108,16 +112,28 @@ def _stop_all(processes: list[BaseProcess]) -> int:
     return 0 if all(process.exitcode == 0 for process in processes) else 1
 
 
-def _worker(config: ServerConfig, ready: multiprocessing.connection.Connection) -> None:
-    """A worker process: one complete server on the shared port."""
+def _worker(config: ServerConfig, ready: multiprocessing.connection.Connection, supervisor: int) -> None:
+    """A worker process: one complete server on the shared port, until it or its supervisor stops."""
     import asyncio
 
     from orders.server import configure_logging, serve
 
+    _end_with(supervisor)
     configure_logging(config.log_level, config.log_format)
     with ready:
         asyncio.run(serve(config, on_started=ready.send))
     sys.exit(0)
+
+
+def _end_with(supervisor: int) -> None:
+    """Have the kernel send this worker SIGTERM (a graceful stop) when ``supervisor`` dies, however it dies;
+    a no-op where ``prctl`` is missing (not Linux)."""
+    prctl = getattr(ctypes.CDLL(None), "prctl", None)
+    if prctl is None:
+        return
+    prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != supervisor:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 @contextlib.contextmanager

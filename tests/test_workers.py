@@ -7,6 +7,7 @@ see that connections really were spread over the workers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -46,6 +47,15 @@ def worker_pids(supervisor_pid: int) -> set[int]:
         for pid in children
         if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()  # not the resource tracker
     }
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not exited (a zombie has)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 async def collect(client: OrderClient, count: int) -> list[tuple[int, str, int]]:
@@ -158,3 +168,26 @@ async def test_an_unusable_database_fails_the_supervisor_before_any_worker_start
     assert b"Server started" not in out
     assert err.count(b"is unusable") == 1 and b"Connection refused" in err, err.decode()[-2000:]
     assert b"did not start" not in err
+
+
+async def test_workers_stop_with_a_supervisor_killed_outright(tmp_path: Path, database_url: str) -> None:
+    """A supervisor killed by the OOM killer or ``kill -9`` must not leave workers holding the port, or its
+    restart fails with "address already in use"."""
+    server = ServerProcess(tmp_path, database_url, args=["--workers", str(WORKERS)])
+    await server.start()
+    workers = worker_pids(server.process.pid)
+    assert len(workers) == WORKERS
+    server.process.kill()  # not waited for: asyncio's wait() also waits for its pipes, which workers share
+    deadline = asyncio.get_running_loop().time() + TIMEOUT
+    try:
+        while alive := {pid for pid in workers if running(pid)}:
+            assert asyncio.get_running_loop().time() < deadline, f"workers {alive} outlived their supervisor"
+            await asyncio.sleep(0.1)
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        await server.process.wait()
+    restarted = ServerProcess(tmp_path, database_url, args=["--workers", str(WORKERS)], port=server.port)
+    await restarted.start()
+    assert await restarted.stop() == 0
