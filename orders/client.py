@@ -8,7 +8,9 @@
 Replicas: give several targets (``OrderClient(["db1:50051", "db2:50051"])`` or ``"db1:50051,db2:50051"``),
 servers sharing one database. Calls go to the current target; a failure that is safe to retry moves on
 to the next target (round-robin) at once, so a dead replica costs one failed attempt, not the deadline,
-and ``watch()`` resumes on the next replica after the last sequence it saw (sequences are global).
+and ``watch()`` resumes on the next replica after the last sequence it saw (sequences are global). A hung
+replica (a paused process, a network that drops packets) is noticed by HTTP/2 keepalive pings: a ping
+left unanswered for ``keepalive`` seconds (default 2) closes its connection, and the call moves on too.
 
 Security: ``token="…"`` sends ``authorization: Bearer …`` with every call (streams included);
 ``ca_file="ca.pem"`` turns TLS on and trusts that CA, ``tls=True`` turns TLS on with the system
@@ -45,6 +47,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from grpclib.client import Channel
+from grpclib.config import Configuration
 from grpclib.events import SendRequest, listen
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from grpclib.metadata import Deadline
@@ -154,12 +157,35 @@ def _is_retryable(error: OrderError, exc: BaseException) -> bool:
 
 
 def _check_timeout(timeout: float | None) -> None:
-    if timeout is None:
+    _check_seconds(timeout, "timeout", none_means="no deadline", zero=True)
+
+
+def _check_seconds(seconds: float | None, name: str, *, none_means: str, zero: bool) -> None:
+    if seconds is None:
         return
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
-    if not (math.isfinite(timeout) and timeout >= 0):
-        raise ValueError(f"timeout must be 0 or more seconds (None: no deadline), not {timeout}")
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds or None, not {type(seconds).__name__}")
+    if not (math.isfinite(seconds) and (seconds >= 0 if zero else seconds > 0)):
+        least = "0 or more" if zero else "more than 0"
+        raise ValueError(f"{name} must be {least} seconds (None: {none_means}), not {seconds}")
+
+
+def _keepalive_config(seconds: float | None) -> Configuration | None:
+    """grpclib's settings for a ping every ``seconds`` while calls are in flight, the connection closed when
+    one is unanswered for as long (None: grpclib's default, no pings)."""
+    if seconds is None:
+        return None
+    return Configuration(
+        _keepalive_time=seconds, _keepalive_timeout=seconds, _http2_min_sent_ping_interval_without_data=seconds
+    )
+
+
+def _closed_for_an_unanswered_ping(channel: Channel) -> bool:
+    """True if ``channel``'s connection was closed because a keepalive ping went unanswered: its close timer
+    had come due (grpclib's own state; it tells this in no other way)."""
+    connection = getattr(channel._protocol, "connection", None)
+    closing = getattr(connection, "_close_by_ping_handler", None)
+    return closing is not None and closing.when() <= asyncio.get_running_loop().time()
 
 
 def _order_item(item: Item | tuple[str, int, float]) -> OrderItem:
@@ -194,6 +220,9 @@ MIN_ATTEMPT_SECONDS = 0.05
 # heartbeats by default, so that such a connection is noticed without TCP's two-hour keepalive.
 SILENT_HEARTBEATS = 3
 DEFAULT_HEARTBEAT_SECONDS = 15
+# Seconds between HTTP/2 pings while calls are in flight, and for the answer to one: a hung server is
+# noticed within twice this, well inside the default 10 s deadline, so that a call can still fail over.
+DEFAULT_KEEPALIVE_SECONDS = 2.0
 
 
 class OrderClient:
@@ -217,6 +246,13 @@ class OrderClient:
     (offer ALPN ``h2`` in it). Both off (the default): plaintext HTTP/2. ``token`` and TLS apply to every
     target; each server's certificate must name its target's host. TLS failures (untrusted certificate,
     plaintext server) raise :class:`orders.errors.Unavailable` promptly.
+
+    ``keepalive``: while calls are in flight on a connection, it sends an HTTP/2 ping every ``keepalive``
+    seconds, and a ping unanswered for as long closes the connection. A call to a server that is hung
+    rather than down (a paused process, a network that drops packets) thus fails with
+    :class:`orders.errors.Unavailable` within about twice that, and is retried on the next target where
+    that is safe, instead of waiting out its deadline. A server that is slow but alive answers pings at
+    once and is waited for. None: no pings.
     """
 
     def __init__(
@@ -228,11 +264,14 @@ class OrderClient:
         tls: bool | ssl.SSLContext = False,
         timeout: float | None = 10.0,
         retry: RetryPolicy = RetryPolicy(),
+        keepalive: float | None = DEFAULT_KEEPALIVE_SECONDS,
     ) -> None:
         self.targets = parse_targets(target)
         _check_timeout(timeout)
+        _check_seconds(keepalive, "keepalive", none_means="no pings", zero=False)
         self.timeout = timeout
         self.retry = retry
+        self.keepalive = keepalive
         addresses = [parse_target(t) for t in self.targets]
         if isinstance(tls, ssl.SSLContext):
             if ca_file is not None:
@@ -274,7 +313,8 @@ class OrderClient:
         self._check_open()
         loop = asyncio.get_running_loop()
         if self._loop is None:
-            self._channels = tuple(Channel(host, port, ssl=self._ssl) for host, port in self._addresses)
+            config = _keepalive_config(self.keepalive)
+            self._channels = tuple(Channel(host, port, ssl=self._ssl, config=config) for host, port in self._addresses)
             if self._token is not None:
                 for channel in self._channels:
                     listen(channel, SendRequest, add_token(self._token))  # every call, unary and streaming
@@ -408,6 +448,13 @@ class OrderClient:
         the next target (unless a concurrent call has already moved the client on)."""
         if self._closed and not isinstance(exc, GRPCError):
             return Unavailable("the client was closed while the call was in flight")
+        if error is None and isinstance(exc, StreamTerminatedError) and _closed_for_an_unanswered_ping(
+            self._channels[index]
+        ):
+            error = Unavailable(
+                f"{self.targets[index]} answered no keepalive ping within {self.keepalive} s"
+                " (a hung server, or a network that drops packets)"
+            )
         error = error or _as_error(exc, plaintext=not self.tls)
         if isinstance(error, Unavailable) and self._current == index and len(self.targets) > 1:
             self._current = (index + 1) % len(self.targets)

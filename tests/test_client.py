@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from server_process import ServerProcess, free_port
+from test_shutdown import write_lock
 
 from orders import (
     Aborted,
@@ -33,6 +34,7 @@ from orders import (
 )
 from orders.errors import DeadlineExceeded
 from orders.storage import open_database
+from orders.testing import running_server
 
 FAST_RETRY = RetryPolicy(attempts=60, initial_backoff=0.02, max_backoff=0.2)
 
@@ -400,7 +402,7 @@ async def test_a_watch_with_heartbeats_resumes_when_its_connection_goes_silent(s
     on a new one after the last sequence it saw."""
     order = await client.create([Item("Book", 1, 10.0)])
     proxy = FreezingProxy(server.port)
-    async with proxy as target, OrderClient(target) as watcher:
+    async with proxy as target, OrderClient(target, keepalive=None) as watcher:  # heartbeats alone
         updates = watcher.watch([order.id], after_sequence=0, heartbeat_seconds=1)
         assert (await asyncio.wait_for(updates.__anext__(), 10)).status == OrderStatus.PENDING
         proxy.freeze()
@@ -410,6 +412,51 @@ async def test_a_watch_with_heartbeats_resumes_when_its_connection_goes_silent(s
         assert (update.order_id, update.status) == (order.id, OrderStatus.CONFIRMED)
         assert 2.5 < time.monotonic() - started < 8  # after 3 silent heartbeat intervals, not before
         await updates.aclose()
+
+
+async def test_a_call_to_a_hung_replica_moves_on_to_the_next_within_two_keepalive_intervals(server):
+    """A replica that keeps its connection open but answers nothing (here a frozen proxy in front of it) is
+    noticed by an unanswered ping, not by the call's deadline: the call is retried on the next target."""
+    proxy = FreezingProxy(server.port)
+    direct = f"127.0.0.1:{server.port}"
+    async with proxy as hung, OrderClient([hung, direct], keepalive=0.5, timeout=10) as client:
+        order = await client.create([Item("Book", 1, 10.0)])  # connected through the proxy
+        assert client.target == hung
+        proxy.freeze()
+        started = time.monotonic()
+        assert (await client.get(order.id)).id == order.id
+        assert time.monotonic() - started < 2.5  # a ping's interval and its wait, not the 10 s deadline
+        assert client.target == direct
+
+
+async def test_a_call_not_safe_to_repeat_fails_with_unavailable_naming_the_unanswered_ping(server):
+    proxy = FreezingProxy(server.port)
+    async with proxy as hung, OrderClient(hung, keepalive=0.5, timeout=10) as client:
+        order = await client.create([Item("Book", 1, 10.0)])
+        proxy.freeze()
+        started = time.monotonic()
+        with pytest.raises(Unavailable, match=re.escape(f"{hung} answered no keepalive ping within 0.5 s")):
+            await client.update_status(order.id, OrderStatus.CONFIRMED, expected_version=order.version)
+        assert time.monotonic() - started < 2.5
+
+
+async def test_a_server_slow_but_alive_answers_pings_and_is_waited_for(database_url):
+    """A change held up for 1.5 s by another writer's lock spans several keepalive intervals; the server
+    answers each ping meanwhile, so the connection stays up and the change (sent once: it carries an
+    expected version) succeeds."""
+    async with running_server(database_url) as server, OrderClient(
+        f"127.0.0.1:{server.port}", keepalive=0.2, timeout=10
+    ) as client:
+        order = await client.create([Item("Book", 1, 10.0)])
+        with write_lock(database_url) as release:
+            changing = asyncio.ensure_future(
+                client.update_status(order.id, OrderStatus.CONFIRMED, expected_version=order.version)
+            )
+            await asyncio.sleep(1.5)
+            assert not changing.done()
+            release()
+            changed = await asyncio.wait_for(changing, 10)
+        assert (changed.status, changed.version) == (OrderStatus.CONFIRMED, order.version + 1)
 
 
 # --- arguments, deadlines and the client's life ---------------------------------------------------
@@ -460,6 +507,11 @@ async def test_a_timeout_of_zero_fails_at_once_and_a_meaningless_one_up_front():
                     await client.get(str(uuid.uuid4()), timeout=timeout)
     with pytest.raises(TypeError, match="timeout"):
         OrderClient("127.0.0.1:1", timeout="10")  # type: ignore[arg-type]
+    for keepalive in (0, -1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="keepalive"):
+            OrderClient("127.0.0.1:1", keepalive=keepalive)
+    with pytest.raises(TypeError, match="keepalive"):
+        OrderClient("127.0.0.1:1", keepalive="2")  # type: ignore[arg-type]
 
 
 async def test_closing_ends_watches_fails_calls_in_flight_and_refuses_new_ones(server):
