@@ -10,12 +10,16 @@ is also how separate replicas on several machines work.
 
 It prints ``Server started on port N`` once every worker accepts connections; SIGTERM or SIGINT is
 passed on to every worker, each drains as a single server does, and the supervisor exits 0 once all
-have. A worker that dies on its own is replaced; a supervisor killed outright (``kill -9``, the OOM
-killer) takes its workers with it (on Linux), so that none is left holding the port.
+have. A worker that dies on its own is replaced, and so is one that hangs: each worker's event loop
+sends the supervisor a beat every second, and a worker silent for ``SILENCE_LIMIT`` seconds (a blocked
+loop, a stopped process) is killed and replaced, since it would otherwise keep taking its share of new
+connections and answer none. A supervisor killed outright (``kill -9``, the OOM killer) takes its
+workers with it (on Linux), so that none is left holding the port.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import dataclasses
@@ -37,6 +41,8 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT = 60.0  # seconds a worker gets to open the database and start listening
 RESTART_DELAY = 1.0  # seconds before a worker that died is replaced, so a crash loop does not spin
+BEAT_INTERVAL = 1.0  # seconds between a worker's beats to the supervisor
+SILENCE_LIMIT = 10.0  # seconds without a beat after which a worker is taken as hung
 PR_SET_PDEATHSIG = 1  # Linux prctl(2): the signal this process gets when its parent dies
 
 
@@ -58,45 +64,82 @@ def supervise(config: ServerConfig) -> int:
             raise SystemExit(f"orders serve: cannot listen: {exc}") from None
         config = dataclasses.replace(config, port=port)
         workers = [_start(context, config, index) for index in range(config.workers)]
-        if not all(_ready(worker, ready) for worker, ready in workers):
-            _stop_all([worker for worker, _ in workers])
+        if not all(_ready(worker) for worker in workers):
+            _stop_all([worker.process for worker in workers])
             return 1
     print(f"Server started on port {port}", flush=True)
-    processes = [worker for worker, _ in workers]
     while not stopping:
-        multiprocessing.connection.wait([p.sentinel for p in processes], timeout=0.2)
-        for index, process in enumerate(processes):
-            if process.exitcode is not None and not stopping:
-                log.error("worker %d (pid %s) exited with %s; starting a new one", index, process.pid, process.exitcode)
+        multiprocessing.connection.wait([w.process.sentinel for w in workers] + _open_pipes(workers), timeout=0.2)
+        for index, worker in enumerate(workers):
+            if stopping:
+                break
+            silent_for = worker.listen()
+            if worker.process.exitcode is None and silent_for > SILENCE_LIMIT:
+                log.error("%s silent for %.0f s (hung or stopped); killing it", worker, silent_for)
+                worker.process.kill()
+                worker.process.join()
+            if worker.process.exitcode is not None:
+                log.error("%s exited with %s; starting a new one", worker, worker.process.exitcode)
+                worker.beats.close()
                 time.sleep(RESTART_DELAY)
-                replacement, ready = _start(context, config, index)
-                processes[index] = replacement if _ready(replacement, ready) else process
-    return _stop_all(processes)
+                replacement = _start(context, config, index)
+                if _ready(replacement):
+                    workers[index] = replacement
+    return _stop_all([worker.process for worker in workers])
 
 
-def _start(
-    context: multiprocessing.context.SpawnContext, config: ServerConfig, index: int
-) -> tuple[BaseProcess, multiprocessing.connection.Connection]:
+@dataclasses.dataclass
+class _Worker:
+    """A worker process, the pipe it reports on (first its port once it listens, then a beat a second), and
+    when the supervisor last heard from it."""
+
+    process: BaseProcess
+    beats: multiprocessing.connection.Connection
+    heard: float = 0.0
+
+    def __str__(self) -> str:
+        return f"{self.process.name} (pid {self.process.pid})"
+
+    def listen(self) -> float:
+        """Take the beats that have arrived, and return the seconds since the last one. A pipe at its end
+        means the worker is exiting (its sentinel tells the rest)."""
+        now = time.monotonic()
+        try:
+            while not self.beats.closed and self.beats.poll():
+                self.beats.recv_bytes()
+                self.heard = now
+        except (EOFError, OSError):
+            self.beats.close()
+        return now - self.heard
+
+
+def _open_pipes(workers: list[_Worker]) -> list[multiprocessing.connection.Connection]:
+    return [worker.beats for worker in workers if not worker.beats.closed]
+
+
+def _start(context: multiprocessing.context.SpawnContext, config: ServerConfig, index: int) -> _Worker:
     receive, send = context.Pipe(duplex=False)
     metrics_port = config.metrics_port and config.metrics_port + index  # None: off; 0: each picks a free one
     worker_config = dataclasses.replace(config, metrics_port=metrics_port)
     process = context.Process(target=_worker, args=(worker_config, send, os.getpid()), name=f"orders-worker-{index}")
     process.start()
     send.close()
-    return process, receive
+    return _Worker(process, receive)
 
 
-def _ready(process: BaseProcess, ready: multiprocessing.connection.Connection) -> bool:
+def _ready(worker: _Worker) -> bool:
     """Wait for the worker to report that it listens; False if it exited or timed out first."""
-    with ready:
-        if not ready.poll(START_TIMEOUT):  # still starting: give up on it
-            process.terminate()
-        else:
-            try:
-                ready.recv()
-                return True
-            except EOFError:  # it is exiting before it was ready; its own error goes to stderr
-                pass
+    process, ready = worker.process, worker.beats
+    if not ready.poll(START_TIMEOUT):  # still starting: give up on it
+        process.terminate()
+    else:
+        try:
+            ready.recv()
+            worker.heard = time.monotonic()
+            return True
+        except EOFError:  # it is exiting before it was ready; its own error goes to stderr
+            pass
+    ready.close()
     process.join()
     log.error("worker %s did not start (exit code %s)", process.name, process.exitcode)
     return False
@@ -114,15 +157,25 @@ def _stop_all(processes: list[BaseProcess]) -> int:
 
 def _worker(config: ServerConfig, ready: multiprocessing.connection.Connection, supervisor: int) -> None:
     """A worker process: one complete server on the shared port, until it or its supervisor stops."""
-    import asyncio
-
     from orders.server import configure_logging, serve
 
     _end_with(supervisor)
     configure_logging(config.log_level, config.log_format)
+
+    def started(port: int) -> None:
+        ready.send(port)
+        _beat(ready, asyncio.get_running_loop())
+
     with ready:
-        asyncio.run(serve(config, on_started=ready.send))
+        asyncio.run(serve(config, on_started=started))
     sys.exit(0)
+
+
+def _beat(pipe: multiprocessing.connection.Connection, loop: asyncio.AbstractEventLoop) -> None:
+    """Tell the supervisor that this worker's event loop runs, and again every BEAT_INTERVAL seconds."""
+    with contextlib.suppress(OSError):  # the supervisor is gone: this worker is being stopped too
+        pipe.send_bytes(b"")
+    loop.call_later(BEAT_INTERVAL, _beat, pipe, loop)
 
 
 def _end_with(supervisor: int) -> None:

@@ -18,6 +18,7 @@ import pytest
 from server_process import ServerProcess, free_port
 from test_observability import calls_by_method_and_code, scrape
 
+from orders import workers
 from orders._proto.orders.v1 import OrderStatus
 from orders.client import Item, OrderClient
 
@@ -113,6 +114,36 @@ async def test_a_worker_that_dies_is_replaced(tmp_path: Path, database_url: str)
             order = await client.create([Item("Widget", 1, 2.5)])
             assert (await client.get(order.id)).id == order.id
     finally:
+        assert await server.stop() == 0
+
+
+async def test_a_worker_that_hangs_is_killed_and_replaced(tmp_path: Path, database_url: str) -> None:
+    """A stopped worker (as a blocked event loop would) keeps its listening socket, so the kernel would go
+    on handing it a share of new connections that nobody answers; the supervisor notices its silence."""
+    server = ServerProcess(tmp_path, database_url, args=["--workers", str(WORKERS)])
+    await server.start()
+    try:
+        before = worker_pids(server.process.pid)
+        victim = min(before)
+        os.kill(victim, signal.SIGSTOP)
+        loop = asyncio.get_running_loop()
+        stopped_at, deadline = loop.time(), loop.time() + TIMEOUT
+        while running(victim) or len(after := worker_pids(server.process.pid)) < WORKERS:
+            assert loop.time() < deadline, f"stopped worker {victim} is still there: {worker_pids(server.process.pid)}"
+            await asyncio.sleep(0.1)
+        assert loop.time() - stopped_at > workers.SILENCE_LIMIT - 1  # silent for the limit, not killed at once
+        assert victim not in after
+        assert f"(pid {victim}) silent for" in server.log.read_text()
+        clients = [OrderClient(server.target, keepalive=None, timeout=5) for _ in range(CONNECTIONS)]
+        try:  # every new connection is answered, whichever worker the kernel gives it to
+            orders = await asyncio.gather(*(client.create([Item("Widget", 1, 2.5)]) for client in clients))
+        finally:
+            for client in clients:
+                client.close()
+        assert len({order.id for order in orders}) == CONNECTIONS
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGCONT)
         assert await server.stop() == 0
 
 
