@@ -9,8 +9,9 @@ Replicas: give several targets (``OrderClient(["db1:50051", "db2:50051"])`` or `
 servers sharing one database. Calls go to the current target; a failure that is safe to retry moves on
 to the next target (round-robin) at once, so a dead replica costs one failed attempt, not the deadline,
 and ``watch()`` resumes on the next replica after the last sequence it saw (sequences are global). A hung
-replica (a paused process, a network that drops packets) is noticed by HTTP/2 keepalive pings: a ping
-left unanswered for ``keepalive`` seconds (default 2) closes its connection, and the call moves on too.
+replica (a paused process, a network that drops packets) is noticed by HTTP/2 keepalive pings: a
+connection from which nothing arrives for ``keepalive`` seconds (default 4) after a ping is dropped, and
+its calls move on too.
 
 Security: ``token="…"`` sends ``authorization: Bearer …`` with every call (streams included);
 ``ca_file="ca.pem"`` turns TLS on and trusts that CA, ``tls=True`` turns TLS on with the system
@@ -52,6 +53,7 @@ from grpclib.events import SendRequest, listen
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from grpclib.metadata import Deadline
 
+from orders import _grpclib_fixes  # noqa: F401  (a connection whose keepalive ping goes unanswered is aborted)
 from orders._proto.orders.v1 import (
     CancelOrderRequest,
     CancelOrderResponse,
@@ -170,22 +172,19 @@ def _check_seconds(seconds: float | None, name: str, *, none_means: str, zero: b
         raise ValueError(f"{name} must be {least} seconds (None: {none_means}), not {seconds}")
 
 
-def _keepalive_config(seconds: float | None) -> Configuration | None:
-    """grpclib's settings for a ping every ``seconds`` while calls are in flight, the connection closed when
-    one is unanswered for as long (None: grpclib's default, no pings)."""
-    if seconds is None:
+def _keepalive_config(silence: float | None) -> Configuration | None:
+    """grpclib's settings for a ping every quarter of ``silence`` seconds while calls are in flight, however
+    long they last, and the connection aborted once nothing at all has arrived for ``silence`` seconds after
+    one (see :mod:`orders._grpclib_fixes`); None: grpclib's default, no pings."""
+    if silence is None:
         return None
+    interval = silence / PINGS_PER_KEEPALIVE
     return Configuration(
-        _keepalive_time=seconds, _keepalive_timeout=seconds, _http2_min_sent_ping_interval_without_data=seconds
+        _keepalive_time=interval,
+        _keepalive_timeout=silence,
+        _http2_min_sent_ping_interval_without_data=interval,
+        _http2_max_pings_without_data=0,  # no limit: grpclib's default (2) stops pinging a long call
     )
-
-
-def _closed_for_an_unanswered_ping(channel: Channel) -> bool:
-    """True if ``channel``'s connection was closed because a keepalive ping went unanswered: its close timer
-    had come due (grpclib's own state; it tells this in no other way)."""
-    connection = getattr(channel._protocol, "connection", None)
-    closing = getattr(connection, "_close_by_ping_handler", None)
-    return closing is not None and closing.when() <= asyncio.get_running_loop().time()
 
 
 def _order_item(item: Item | tuple[str, int, float]) -> OrderItem:
@@ -217,12 +216,14 @@ _TRANSPORT_ERRORS = (GRPCError, StreamTerminatedError, ConnectionError, OSError,
 MIN_ATTEMPT_SECONDS = 0.05
 # A watch with heartbeats that hears nothing for this many heartbeat intervals takes its connection as lost
 # (a peer gone without closing it, a network that drops packets) and resumes on a new one. Watches ask for
-# heartbeats by default, so that such a connection is noticed without TCP's two-hour keepalive.
+# heartbeats by default, so that such a connection is noticed even without keepalive pings.
 SILENT_HEARTBEATS = 3
 DEFAULT_HEARTBEAT_SECONDS = 15
-# Seconds between HTTP/2 pings while calls are in flight, and for the answer to one: a hung server is
-# noticed within twice this, well inside the default 10 s deadline, so that a call can still fail over.
-DEFAULT_KEEPALIVE_SECONDS = 2.0
+# Seconds of silence after an HTTP/2 ping that drop a connection: a hung server is noticed within 1.25 times
+# this, inside the default 10 s deadline with time to spare for the call to fail over. A live server answers
+# a ping within milliseconds; a ping can wait longer only behind the data sent before it, on a slow link.
+DEFAULT_KEEPALIVE_SECONDS = 4.0
+PINGS_PER_KEEPALIVE = 4  # while calls are in flight, a ping every quarter of ``keepalive``
 
 
 class OrderClient:
@@ -247,12 +248,13 @@ class OrderClient:
     target; each server's certificate must name its target's host. TLS failures (untrusted certificate,
     plaintext server) raise :class:`orders.errors.Unavailable` promptly.
 
-    ``keepalive``: while calls are in flight on a connection, it sends an HTTP/2 ping every ``keepalive``
-    seconds, and a ping unanswered for as long closes the connection. A call to a server that is hung
-    rather than down (a paused process, a network that drops packets) thus fails with
-    :class:`orders.errors.Unavailable` within about twice that, and is retried on the next target where
-    that is safe, instead of waiting out its deadline. A server that is slow but alive answers pings at
-    once and is waited for. None: no pings.
+    ``keepalive``: while calls or watches are in flight on a connection, the client sends an HTTP/2 ping
+    every quarter of ``keepalive`` seconds, and drops the connection once nothing at all (neither the
+    ping's answer nor anything else) has arrived for ``keepalive`` seconds after one. A call to a server
+    that is hung rather than down (a paused process, a network that drops packets) thus fails with
+    :class:`orders.errors.Unavailable` within 1.25 times that and is retried on the next target where that
+    is safe, instead of waiting out its deadline, and a watch resumes elsewhere. A live server answers
+    pings at once, however long its calls take. None: no pings.
     """
 
     def __init__(
@@ -448,13 +450,6 @@ class OrderClient:
         the next target (unless a concurrent call has already moved the client on)."""
         if self._closed and not isinstance(exc, GRPCError):
             return Unavailable("the client was closed while the call was in flight")
-        if error is None and isinstance(exc, StreamTerminatedError) and _closed_for_an_unanswered_ping(
-            self._channels[index]
-        ):
-            error = Unavailable(
-                f"{self.targets[index]} answered no keepalive ping within {self.keepalive} s"
-                " (a hung server, or a network that drops packets)"
-            )
         error = error or _as_error(exc, plaintext=not self.tls)
         if isinstance(error, Unavailable) and self._current == index and len(self.targets) > 1:
             self._current = (index + 1) % len(self.targets)

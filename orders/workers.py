@@ -43,6 +43,7 @@ START_TIMEOUT = 60.0  # seconds a worker gets to open the database and start lis
 RESTART_DELAY = 1.0  # seconds before a worker that died is replaced, so a crash loop does not spin
 BEAT_INTERVAL = 1.0  # seconds between a worker's beats to the supervisor
 SILENCE_LIMIT = 10.0  # seconds without a beat after which a worker is taken as hung
+STOP_MARGIN = 5.0  # seconds a worker gets to exit after SIGTERM beyond --grace, before SIGKILL
 PR_SET_PDEATHSIG = 1  # Linux prctl(2): the signal this process gets when its parent dies
 
 
@@ -65,7 +66,7 @@ def supervise(config: ServerConfig) -> int:
         config = dataclasses.replace(config, port=port)
         workers = [_start(context, config, index) for index in range(config.workers)]
         if not all(_ready(worker) for worker in workers):
-            _stop_all([worker.process for worker in workers])
+            _stop_all([worker.process for worker in workers], STOP_MARGIN)
             return 1
     print(f"Server started on port {port}", flush=True)
     while not stopping:
@@ -85,7 +86,7 @@ def supervise(config: ServerConfig) -> int:
                 replacement = _start(context, config, index)
                 if _ready(replacement):
                     workers[index] = replacement
-    return _stop_all([worker.process for worker in workers])
+    return _stop_all([worker.process for worker in workers], config.grace + STOP_MARGIN)
 
 
 @dataclasses.dataclass
@@ -131,7 +132,7 @@ def _ready(worker: _Worker) -> bool:
     """Wait for the worker to report that it listens; False if it exited or timed out first."""
     process, ready = worker.process, worker.beats
     if not ready.poll(START_TIMEOUT):  # still starting: give up on it
-        process.terminate()
+        _stop_all([process], STOP_MARGIN)
     else:
         try:
             ready.recv()
@@ -145,13 +146,19 @@ def _ready(worker: _Worker) -> bool:
     return False
 
 
-def _stop_all(processes: list[BaseProcess]) -> int:
-    """SIGTERM every worker still running and wait for all; 0 if every one exited cleanly."""
+def _stop_all(processes: list[BaseProcess], patience: float) -> int:
+    """SIGTERM every worker still running, SIGKILL those still running ``patience`` seconds later (a hung or
+    stopped one never ends otherwise), and wait for all; 0 if every one exited cleanly."""
     for process in processes:
         if process.exitcode is None and process.pid is not None:
             process.terminate()
+    deadline = time.monotonic() + patience
     for process in processes:
-        process.join()
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.exitcode is None:
+            log.error("%s (pid %s) still running %.0f s after SIGTERM; killing it", process.name, process.pid, patience)
+            process.kill()
+            process.join()
     return 0 if all(process.exitcode == 0 for process in processes) else 1
 
 
@@ -164,6 +171,7 @@ def _worker(config: ServerConfig, ready: multiprocessing.connection.Connection, 
 
     def started(port: int) -> None:
         ready.send(port)
+        os.set_blocking(ready.fileno(), False)  # a beat the supervisor does not take is dropped, never waited on
         _beat(ready, asyncio.get_running_loop())
 
     with ready:
@@ -173,7 +181,7 @@ def _worker(config: ServerConfig, ready: multiprocessing.connection.Connection, 
 
 def _beat(pipe: multiprocessing.connection.Connection, loop: asyncio.AbstractEventLoop) -> None:
     """Tell the supervisor that this worker's event loop runs, and again every BEAT_INTERVAL seconds."""
-    with contextlib.suppress(OSError):  # the supervisor is gone: this worker is being stopped too
+    with contextlib.suppress(OSError):  # the pipe is full (the supervisor is paused) or gone (being stopped)
         pipe.send_bytes(b"")
     loop.call_later(BEAT_INTERVAL, _beat, pipe, loop)
 

@@ -36,6 +36,7 @@ from grpclib.reflection.v1.reflection_grpc import ServerReflectionStub
 from grpclib.reflection.v1.reflection_pb2 import ServerReflectionRequest
 from multidict import MultiDict
 from test_cli import ORDERS, assert_fails, stop, wait_for_start
+from test_client import FreezingProxy
 from test_interop import pb  # noqa: F401  (the grpcio stubs fixture, generated once per session)
 
 import orders
@@ -346,6 +347,22 @@ async def test_a_client_given_an_ssl_context_uses_it(tls_server: OrderServer, ce
         await connected.create([Item("Pen", 1, 1.0)])
     with pytest.raises(ValueError, match="not both"):
         OrderClient("127.0.0.1:1", tls=context, ca_file=certs.ca)
+
+
+async def test_a_hung_tls_server_is_dropped_promptly_and_the_next_call_connects_afresh(
+    tls_server: OrderServer, certs: SimpleNamespace
+) -> None:
+    """A ping left unanswered aborts the connection: a graceful TLS close would wait 30 s for the hung peer's
+    reply, meanwhile leaving calls on the connection hanging and handing new calls a half-closed one."""
+    proxy = FreezingProxy(tls_server.port)  # freezes the connections open now; new ones pass
+    async with proxy as target, OrderClient(target, ca_file=certs.ca, keepalive=0.5, timeout=TIMEOUT) as connected:
+        order = await connected.create([Item("Pen", 1, 1.0)])
+        proxy.freeze()
+        started = time.monotonic()
+        with pytest.raises(Unavailable, match="nothing arrived for 0.5 s after a keepalive ping"):
+            await connected.update_status(order.id, OrderStatus.CONFIRMED, expected_version=order.version)
+        assert time.monotonic() - started < PROMPTLY
+        assert (await connected.get(order.id)).id == order.id
 
 
 async def assert_refused_promptly(connected: OrderClient, *fragments: str, watch_reconnects: bool = False) -> None:

@@ -147,6 +147,30 @@ async def test_a_worker_that_hangs_is_killed_and_replaced(tmp_path: Path, databa
         assert await server.stop() == 0
 
 
+async def test_a_supervisor_told_to_stop_kills_a_hung_worker_after_the_grace_period(
+    tmp_path: Path, database_url: str
+) -> None:
+    """SIGTERM cannot stop a stopped (or hung) worker; the supervisor must not wait for it for ever."""
+    server = ServerProcess(tmp_path, database_url, args=["--workers", str(WORKERS), "--grace", "1"])
+    await server.start()
+    victim = min(worker_pids(server.process.pid))
+    os.kill(victim, signal.SIGSTOP)
+    loop = asyncio.get_running_loop()
+    # Should the supervisor wait for ever, the test ends the wait itself (and fails on the time taken):
+    # stop() cannot return while the stopped worker holds the supervisor's output pipes open.
+    rescue = loop.call_later(TIMEOUT, lambda: os.kill(victim, signal.SIGKILL))
+    try:
+        started = loop.time()
+        assert await server.stop(timeout=2 * TIMEOUT) == 1  # not every worker stopped cleanly
+        assert loop.time() - started < 1 + workers.STOP_MARGIN + 3
+        assert not running(victim)
+        assert f"(pid {victim}) still running" in server.log.read_text()
+    finally:
+        rescue.cancel()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGKILL)
+
+
 async def test_a_second_workers_server_on_a_taken_port_fails_instead_of_sharing_it(
     tmp_path: Path, database_url: str
 ) -> None:
