@@ -1,4 +1,4 @@
-"""Work-arounds for three grpclib 0.4.9 bugs, applied once on import (server and client).
+"""Work-arounds for four grpclib 0.4.9 bugs, applied once on import (server and client).
 
 - grpclib's HTTP/2 event processor has no handler for h2's ``UnknownFrameReceived`` and raises
   ``NotImplementedError`` from ``data_received``, so asyncio drops the whole connection when a peer
@@ -16,6 +16,11 @@
   unanswered only once nothing at all has arrived for the keepalive timeout, as in gRPC's own
   libraries: on a slow link a ping waits behind the data sent before it, while the peer's flow-control
   updates show that it is alive.
+- A call ended by its deadline or by a lost connection is ended by cancelling the task that waits on it
+  (``Wrapper.cancel``); grpclib turns the ``CancelledError`` into its own error but never withdraws the
+  cancellation (``Task.uncancel``), so the task stays marked as being cancelled: asyncio's ``timeout``
+  and ``TaskGroup`` then misjudge later cancellations, and ``asyncio.run`` turns the next Ctrl-C into a
+  ``CancelledError`` traceback instead of ``KeyboardInterrupt``. Here it is withdrawn.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Any
 
 from grpclib.metadata import Deadline
 from grpclib.protocol import Connection, EventsProcessor
-from grpclib.utils import DeadlineWrapper
+from grpclib.utils import DeadlineWrapper, Wrapper
 from h2.events import UnknownFrameReceived
 
 _original_init = EventsProcessor.__init__
@@ -92,9 +97,21 @@ def _abort_if_silent(connection: Connection) -> None:
     transport.abort()
 
 
+_original_exit = Wrapper.__exit__
+
+
+def _exit_withdrawing_the_cancellation(self: Wrapper, exc_type: Any, exc_value: Any, traceback: Any) -> None:
+    if self._error is not None and exc_type is asyncio.CancelledError:  # this wrapper's own cancellation
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+    _original_exit(self, exc_type, exc_value, traceback)
+
+
 if not getattr(EventsProcessor.__init__, "_orders_patched", False):
     _init_ignoring_unknown_frames._orders_patched = True  # type: ignore[attr-defined]
     EventsProcessor.__init__ = _init_ignoring_unknown_frames  # type: ignore[method-assign]
     DeadlineWrapper.start = _start_even_if_expired  # type: ignore[method-assign,assignment]
     Connection.feed = _feed_noting_when  # type: ignore[method-assign]
     Connection._ping = _ping_then_wait_for_any_answer  # type: ignore[method-assign]
+    Wrapper.__exit__ = _exit_withdrawing_the_cancellation  # type: ignore[method-assign,assignment]

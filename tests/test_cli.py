@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -309,6 +311,42 @@ def test_watch_ctrl_c_exits_130_quietly(target: str) -> None:
         assert watch.stderr is not None and watch.stderr.read() == b""
     finally:
         stop(watch)
+
+
+@contextlib.contextmanager
+def dropping_listener() -> Iterator[str]:
+    """A target that accepts connections and drops each as soon as the client has sent something."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def drop_each() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:  # closed: the test is over
+                return
+            with connection:
+                connection.recv(1)
+
+    dropper = threading.Thread(target=drop_each, daemon=True)
+    dropper.start()
+    try:
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+
+
+def test_ctrl_c_after_a_lost_connection_still_exits_130_quietly(target: str) -> None:
+    """grpclib ends a call on a lost connection by cancelling its task; a later Ctrl-C must still be one."""
+    create(target, "Drum:1:99.00")
+    with dropping_listener() as dropping:
+        watch = spawn(ORDERS, "watch", "--after-sequence", "0", "--target", f"{dropping},{target}")
+        try:
+            read_line(watch)  # streaming, from the second target
+            watch.send_signal(signal.SIGINT)
+            assert watch.wait(TIMEOUT) == 130
+            assert watch.stderr is not None and watch.stderr.read() == b""
+        finally:
+            stop(watch)
 
 
 def test_watch_errors(target: str) -> None:

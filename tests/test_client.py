@@ -683,6 +683,27 @@ async def dropping_target() -> AsyncIterator[str]:
         listener.close()
 
 
+async def test_a_call_ended_by_a_lost_connection_or_its_deadline_leaves_its_task_uncancelled():
+    """grpclib ends such calls by cancelling the waiting task; the cancellation must not outlive the call,
+    or asyncio.timeout, TaskGroup and asyncio.run's Ctrl-C handling misjudge the next one."""
+    task = asyncio.current_task()
+    assert task is not None
+    async with dropping_target() as dropping, OrderClient(dropping, retry=RetryPolicy(attempts=1)) as client:
+        with pytest.raises(Unavailable, match="Connection lost"):
+            await client.get(str(uuid.uuid4()))
+    assert task.cancelling() == 0
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        async with OrderClient(f"127.0.0.1:{silent.getsockname()[1]}", keepalive=None) as client:
+            with pytest.raises(DeadlineExceeded):
+                await client.get(str(uuid.uuid4()), timeout=0.2)
+    assert task.cancelling() == 0
+    with pytest.raises(TimeoutError):  # so a timeout of the caller's own still works
+        async with asyncio.timeout(0.05):
+            await asyncio.sleep(1)
+
+
 async def test_a_change_with_expected_version_is_resent_only_if_it_never_left(server, client):
     order = await client.create([Item("Laptop", 1, 1000.0)])
     live = f"127.0.0.1:{server.port}"
