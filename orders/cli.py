@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import math
@@ -58,12 +59,15 @@ def item_arg(text: str) -> Item:
         )
     name, quantity, price = parts
     try:
-        return Item(name, int(quantity), float(price))
+        item = Item(name, int(quantity), float(price))
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"item {text!r} must be NAME:QUANTITY:PRICE with a whole-number QUANTITY and a numeric PRICE"
             " (e.g. Laptop:1:1000.00)"
         ) from None
+    if abs(item.quantity) > INT32_MAX:
+        raise argparse.ArgumentTypeError(f"item {text!r}: QUANTITY must be at most {INT32_MAX:,}")
+    return item
 
 
 def status_arg(text: str) -> OrderStatus:
@@ -100,15 +104,25 @@ def token_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def non_negative_int(text: str) -> int:
-    """An integer ≥ 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, 0 or more, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1  # the largest values the wire's int32 and int64 fields carry
+
+
+def non_negative_int(maximum: int) -> Callable[[str], int]:
+    """A parser of whole numbers from 0 to ``maximum`` (the most its field on the wire can carry)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, 0 or more, got {text!r}") from None
+        if not 0 <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"must be from 0 to {maximum:,}, got {value:,}")
+        return value
+
+    return parse
+
+
+int32_arg, int64_arg = non_negative_int(INT32_MAX), non_negative_int(INT64_MAX)
 
 
 def positive_float(text: str) -> float:
@@ -170,6 +184,10 @@ def format_update(update: StatusUpdate, *, short: bool = False) -> str:
     return f"seq={update.sequence} {order_id} {previous} -> {update.status.name} at {format_time(update.timestamp)}"
 
 
+class OutputFailed(Exception):
+    """The results could not be written to standard output."""
+
+
 class Output:
     """Prints results for people or, with ``json=True``, one protobuf-JSON object per line."""
 
@@ -178,7 +196,12 @@ class Output:
 
     def _emit(self, message: betterproto2.Message, text: str) -> None:
         line = json.dumps(message.to_dict(include_default_values=True)) if self.as_json else text
-        print(line, flush=True)
+        try:
+            print(line, flush=True)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:  # e.g. a full disk
+            raise OutputFailed(str(exc)) from exc
 
     def order(self, order: Order) -> None:
         """Print an order in full."""
@@ -226,12 +249,15 @@ async def cmd_cancel(client: OrderClient, args: argparse.Namespace, out: Output)
 
 async def cmd_list(client: OrderClient, args: argparse.Namespace, out: Output) -> None:
     """List orders oldest first, fetching pages lazily, up to ``--limit``."""
+    if args.limit == 0:
+        return
     shown = 0
-    async for order in client.list(statuses=args.status or (), page_size=args.page_size):
-        if args.limit is not None and shown >= args.limit:
-            break
-        out.order_line(order)
-        shown += 1
+    async with contextlib.aclosing(client.list(statuses=args.status or (), page_size=args.page_size)) as orders:
+        async for order in orders:
+            out.order_line(order)
+            shown += 1
+            if shown == args.limit:  # before fetching another page
+                return
 
 
 async def cmd_watch(client: OrderClient, args: argparse.Namespace, out: Output) -> None:
@@ -439,10 +465,18 @@ async def run_status_changes(
 
 async def demo(args: argparse.Namespace) -> None:
     """``orders demo``: run the demo against ``--target`` or an embedded server."""
-    if args.target is None and (args.ca_file or args.tls):
-        raise DemoFailed("--ca-file and --tls need --target: the embedded server serves plaintext")
     async with demo_target(args.target, args.token) as target, connect(target, args) as client:
         await run_demo(client)
+
+
+def embedded_plaintext(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """``args`` for the demo: without ``--target`` its embedded server serves plaintext, so ``--ca-file`` and
+    ``--tls`` are usage errors, and ``ORDERS_CA_FILE`` (meant for remote servers) is left aside."""
+    if args.target is None:
+        if args.tls or (args.ca_file and args.ca_file != os.environ.get("ORDERS_CA_FILE")):
+            parser.error("--ca-file and --tls need --target: the embedded server serves plaintext")
+        args.ca_file = None
+    return args
 
 
 # --- serve ---------------------------------------------------------------------------------------------
@@ -531,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=positive_float, default=10.0, help="seconds per call (default %(default)s)"
     )
     add_security_options(demo_parser)
-    demo_parser.set_defaults(run=lambda args: asyncio.run(demo(args)))
+    demo_parser.set_defaults(run=lambda args: asyncio.run(demo(embedded_plaintext(args, demo_parser))))
 
     create = client_command("create", cmd_create, "create an order")
     create.add_argument(
@@ -554,27 +588,27 @@ def build_parser() -> argparse.ArgumentParser:
     update = client_command("update", cmd_update, "change an order's status")
     update.add_argument("id", help="order id")
     update.add_argument("status", type=status_arg, metavar="STATUS", help=f"one of {', '.join(STATUS_CHOICES)}")
-    update.add_argument("--expected-version", type=non_negative_int, default=0, help="apply only to this version")
+    update.add_argument("--expected-version", type=int64_arg, default=0, help="apply only to this version")
 
     cancel = client_command("cancel", cmd_cancel, "cancel an order")
     cancel.add_argument("id", help="order id")
-    cancel.add_argument("--expected-version", type=non_negative_int, default=0, help="apply only to this version")
+    cancel.add_argument("--expected-version", type=int64_arg, default=0, help="apply only to this version")
 
     listing = client_command("list", cmd_list, "list orders, oldest first")
     listing.add_argument(
         "--status", type=status_arg, nargs="+", action="extend", metavar="STATUS", help="only these statuses"
     )
     listing.add_argument(
-        "--page-size", type=non_negative_int, default=0, help="orders per request (default: server's 50)"
+        "--page-size", type=int32_arg, default=0, help="orders per request (default: server's 50)"
     )
-    listing.add_argument("--limit", type=non_negative_int, help="stop after this many orders")
+    listing.add_argument("--limit", type=int64_arg, help="stop after this many orders")
 
     watch = client_command("watch", cmd_watch, "print status updates as they happen")
     watch.add_argument("ids", nargs="*", metavar="ID", help="order ids to watch (default: all orders)")
-    watch.add_argument("--after-sequence", type=non_negative_int, help="first replay every update after this sequence")
+    watch.add_argument("--after-sequence", type=int64_arg, help="first replay every update after this sequence")
     watch.add_argument(
         "--heartbeat",
-        type=non_negative_int,
+        type=int32_arg,
         default=DEFAULT_HEARTBEAT_SECONDS,
         help="ask for a heartbeat every N idle seconds; none for 3 N s means the connection is lost (0: none;"
         " default %(default)s)",
@@ -585,10 +619,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print heartbeats too (seq = how far the log has been read: a cursor to save for --after-sequence)",
     )
-    watch.add_argument("--count", type=non_negative_int, help="exit after this many updates (heartbeats not counted)")
+    watch.add_argument("--count", type=int64_arg, help="exit after this many updates (heartbeats not counted)")
     watch.add_argument(
         "--no-reconnect", dest="reconnect", action="store_false", help="exit with an error when the stream drops"
     )
+    for command_parser in commands.choices.values():
+        command_parser.set_defaults(command_parser=command_parser)
     return parser
 
 
@@ -604,6 +640,10 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     except DemoFailed as failure:
         print(f"error: demo: {failure}", file=sys.stderr, flush=True)
+        return EXIT_ERROR
+    except OutputFailed as failure:
+        print(f"error: cannot write the output: {failure}", file=sys.stderr, flush=True)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (nor at exit, where Python flushes it again)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
@@ -621,7 +661,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         from bench import main as bench_main
 
         sys.exit(bench_main(args[1:]))
-    sys.exit(run(build_parser().parse_args(args)))
+    parsed, unknown = build_parser().parse_known_args(args)
+    if unknown:  # reported with the command's own usage, not the top level's
+        parsed.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    sys.exit(run(parsed))
 
 
 if __name__ == "__main__":

@@ -483,8 +483,9 @@ class OrderClient:
         The server sends a heartbeat after ``heartbeat_seconds`` N quiet seconds (default 15; 0: none), and
         a stream that hears nothing for 3 N seconds is taken as lost too.
         It raises :class:`Unavailable` once attempts have failed in a row for ``give_up_after`` seconds
-        (None: keep trying), or at the first failure when ``reconnect`` is False; a TLS set-up that no
-        retry can mend (an untrusted certificate) fails at once. The watch ends when the client is closed.
+        (None: keep trying), or at the first failure when ``reconnect`` is False (but a refused connection
+        still moves on to each other target: the watch had not begun); a TLS set-up that no retry can mend
+        (an untrusted certificate) fails at once. The watch ends when the client is closed.
 
         Heartbeats are used for resuming; with ``heartbeats`` True they are yielded too, as updates with an
         empty ``order_id`` whose ``sequence`` is how far the watch has read the log. A consumer that saves its
@@ -524,7 +525,8 @@ class OrderClient:
                 now = loop.time()
                 failing_since = now if failing_since is None else failing_since
                 gave_up = give_up_after is not None and now - failing_since > give_up_after
-                if not (reconnect and _is_retryable(error, exc)) or gave_up:
+                untried = isinstance(exc, _NEVER_SENT) and failures + 1 < len(self.targets)  # refused: it never began
+                if not ((reconnect or untried) and _is_retryable(error, exc)) or gave_up:
                     raise error from exc
                 failures += 1
                 log.info("watch on %s interrupted (%s); resuming after sequence %s", self.targets[index], error, cursor)

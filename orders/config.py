@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from orders.auth import SecurityConfigError, check_token
+
 MIB = 1024 * 1024
 DEFAULT_DB_URL = "sqlite:///orders.db"  # a file in the working directory
 DATABASE_SCHEMES = ("sqlite", "postgres", "postgresql")  # the playhouse.db_url schemes the storage runs on
@@ -24,7 +26,10 @@ _ANY_DATABASE = "give sqlite:///path/to/orders.db or postgresql://user@host:5432
 
 def check_database_url(url: str) -> None:
     """Raise ValueError, saying what to give instead, unless ``url`` names a database the server runs on."""
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as exc:  # e.g. an unclosed "["
+        raise ValueError(f"not a URL ({exc}): {_ANY_DATABASE}") from None
     if not url:
         raise ValueError(f"no database given: {_ANY_DATABASE}")
     if not parts.scheme:
@@ -48,8 +53,11 @@ def check_database_url(url: str) -> None:
 
 def redacted(url: str) -> str:
     """``url`` with its password, if any, replaced by ``***`` (in the user part or a ``password=``
-    parameter): fit for logs, error messages and help texts."""
-    parts = urllib.parse.urlsplit(url)
+    parameter): fit for logs, error messages and help texts. A text that is no URL at all is not shown."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # e.g. an unclosed "[": where a password would be cannot be told
+        return "(not a URL; not shown)"
     query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
     if parts.password is None and all(name != "password" for name, _ in query):
         return url  # as given: urlsplit's round trip would drop the empty host of sqlite:////abs/path
@@ -83,7 +91,10 @@ def _token(text: str) -> str:
         raise argparse.ArgumentTypeError(
             "is empty: give the token, or leave out --token and ORDERS_TOKEN to serve without one"
         )
-    return text
+    try:
+        return check_token(text)
+    except SecurityConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _one_of(*choices: str) -> Callable[[str], str]:

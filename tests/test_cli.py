@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trustme
 from server_process import free_port
 
 from orders.testing import temporary_database
@@ -435,7 +436,9 @@ def test_serve_flags_that_make_no_server_are_usage_errors_that_say_what_to_give(
         ({"ORDERS_PORT": "abc"}, "argument --port: invalid int value: 'abc'"),
         ({"ORDERS_LOG_FORMAT": "xml"}, "argument --log-format: 'xml' is not one of text, json"),
         ({"ORDERS_TOKEN": ""}, "argument --token: is empty"),
+        ({"ORDERS_TOKEN": "a b"}, "argument --token: the bearer token must be non-empty printable ASCII"),
         ({"ORDERS_DB": ""}, "--db: no database given"),
+        ({"ORDERS_DB": "postgresql://u:hunter2[@db/orders"}, "--db: not a URL (Invalid IPv6 URL)"),
     ],
 )
 def test_a_bad_environment_variable_is_a_usage_error_of_serve_alone(env: dict[str, str], says: str) -> None:
@@ -493,6 +496,64 @@ def test_client_flags_are_checked_before_connecting(tmp_path: Path) -> None:
     assert refused.returncode == 2 and "must hold PEM certificates" in refused.stderr, refused.stderr
     endless = orders("list", "--timeout", "inf")
     assert endless.returncode == 2 and "--timeout: must be a finite number" in endless.stderr, endless.stderr
+
+
+@pytest.mark.database_free
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["create", "--item", "A:2147483648:1"], "QUANTITY must be at most 2,147,483,647"),
+        (["list", "--page-size", "2147483648"], "--page-size: must be from 0 to 2,147,483,647"),
+        (["watch", "--heartbeat", "2147483648"], "--heartbeat: must be from 0 to 2,147,483,647"),
+        (["watch", "--after-sequence", str(2**63)], "--after-sequence: must be from 0 to 9,223,372,036,854,775,807"),
+        (["update", str(uuid.uuid4()), "confirmed", "--expected-version", str(2**63)], "--expected-version: must"),
+        (["get", str(uuid.uuid4()), "extra"], "unrecognized arguments: extra"),
+        (["demo", "--json"], "unrecognized arguments: --json"),
+        (["demo", "--tls"], "--ca-file and --tls need --target"),
+    ],
+)
+def test_arguments_the_wire_cannot_carry_or_nobody_reads_are_usage_errors_of_their_command(
+    args: list[str], says: str
+) -> None:
+    result = orders(*args)  # nothing listens on the default target: none of these may get as far
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert result.stderr.startswith(f"usage: orders {args[0]} ") and says in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.database_free
+def test_a_client_command_ignores_the_server_only_variables_even_malformed() -> None:
+    environment = {**os.environ, "ORDERS_DB": "postgresql://u:hunter2[@db/orders", "ORDERS_PORT": "abc"}
+    for command in (["--help"], ["list", "--help"], ["list", "--limit", "0", "--target", f"127.0.0.1:{free_port()}"]):
+        result = orders(*command, env=environment)  # --limit 0 lists nothing, so it calls no server
+        assert result.returncode == 0, (command, result.stderr)
+        assert "hunter2" not in result.stdout + result.stderr
+
+
+def test_output_that_cannot_be_written_is_one_error_line(target: str) -> None:
+    create(target, "Drum:1:99.00")
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [ORDERS, "list", "--target", target], stdout=full, stderr=subprocess.PIPE, text=True, timeout=TIMEOUT
+        )
+    assert result.returncode == 1
+    assert result.stderr == "error: cannot write the output: [Errno 28] No space left on device\n", result.stderr
+
+
+def test_watch_without_reconnecting_still_moves_on_from_a_refused_target(target: str) -> None:
+    created = create(target, "Drum:1:99.00")
+    refused = f"127.0.0.1:{free_port()}"
+    watch = ["watch", created["id"], "--after-sequence", "0", "--count", "1", "--no-reconnect"]
+    updates = call_json(f"{refused},{target}", *watch)
+    assert [u["orderId"] for u in updates] == [created["id"]]
+
+
+def test_demo_leaves_orders_ca_file_to_remote_servers(tmp_path: Path) -> None:
+    """ORDERS_CA_FILE set for the user's real servers must not stop the embedded demo."""
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    result = orders("demo", env={**os.environ, "ORDERS_CA_FILE": str(tmp_path / "ca.pem")})
+    assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.database_free
