@@ -21,15 +21,22 @@ STOP_TIMEOUT = 15.0
 FIXED_PORTS = range(20_000, 32_768)
 
 
+_HANDED_OUT: set[int] = set()  # a port is free until its server binds it: never hand it out twice
+
+
 def free_port() -> int:
-    """A port nobody listens on now, outside the ephemeral range."""
+    """A port nobody listens on now, outside the ephemeral range, and not given out before in this run."""
     while True:
+        port = random.choice(FIXED_PORTS)
+        if port in _HANDED_OUT:
+            continue
         with socket.socket() as sock:
             try:
-                sock.bind(("127.0.0.1", random.choice(FIXED_PORTS)))
+                sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return sock.getsockname()[1]
+        _HANDED_OUT.add(port)
+        return port
 
 
 class ServerProcess:
