@@ -98,18 +98,22 @@ async def test_workers_share_the_port_and_every_watcher_sees_every_change(tmp_pa
         probe.bind(("127.0.0.1", server.port))
 
 
+async def replaced(server: ServerProcess, victim: int) -> set[int]:
+    """The supervisor's workers, once worker ``victim`` is gone and a new one has taken its place."""
+    deadline = asyncio.get_running_loop().time() + TIMEOUT
+    while running(victim) or len(current := worker_pids(server.process.pid) - {victim}) < WORKERS:
+        assert asyncio.get_running_loop().time() < deadline, f"worker {victim} not replaced: {current}"
+        await asyncio.sleep(0.1)
+    return current
+
+
 async def test_a_worker_that_dies_is_replaced(tmp_path: Path, database_url: str) -> None:
     server = ServerProcess(tmp_path, database_url, args=["--workers", str(WORKERS)])
     await server.start()
     try:
-        before = worker_pids(server.process.pid)
-        victim = min(before)
+        victim = min(worker_pids(server.process.pid))
         os.kill(victim, signal.SIGKILL)
-        deadline = asyncio.get_running_loop().time() + TIMEOUT
-        while len((after := worker_pids(server.process.pid)) - {victim}) < WORKERS:
-            assert asyncio.get_running_loop().time() < deadline, f"no replacement for worker {victim}: {after}"
-            await asyncio.sleep(0.1)
-        assert victim not in after
+        await replaced(server, victim)
         async with OrderClient(server.target) as client:  # the service carries on
             order = await client.create([Item("Widget", 1, 2.5)])
             assert (await client.get(order.id)).id == order.id
@@ -123,16 +127,11 @@ async def test_a_worker_that_hangs_is_killed_and_replaced(tmp_path: Path, databa
     server = ServerProcess(tmp_path, database_url, args=["--workers", str(WORKERS)])
     await server.start()
     try:
-        before = worker_pids(server.process.pid)
-        victim = min(before)
+        victim = min(worker_pids(server.process.pid))
         os.kill(victim, signal.SIGSTOP)
-        loop = asyncio.get_running_loop()
-        stopped_at, deadline = loop.time(), loop.time() + TIMEOUT
-        while running(victim) or len(after := worker_pids(server.process.pid)) < WORKERS:
-            assert loop.time() < deadline, f"stopped worker {victim} is still there: {worker_pids(server.process.pid)}"
-            await asyncio.sleep(0.1)
-        assert loop.time() - stopped_at > workers.SILENCE_LIMIT - 1  # silent for the limit, not killed at once
-        assert victim not in after
+        stopped_at = asyncio.get_running_loop().time()
+        await replaced(server, victim)
+        assert asyncio.get_running_loop().time() - stopped_at > workers.SILENCE_LIMIT - 1  # not killed at once
         assert f"(pid {victim}) silent for" in server.log.read_text()
         clients = [OrderClient(server.target, keepalive=None, timeout=5) for _ in range(CONNECTIONS)]
         try:  # every new connection is answered, whichever worker the kernel gives it to
