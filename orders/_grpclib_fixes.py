@@ -14,8 +14,8 @@
   ``AttributeError`` on the half-closed connection grpclib still hands out. Here the connection is
   aborted instead, and its streams end with a reason that says what happened. And a ping is taken as
   unanswered only once nothing at all has arrived for the keepalive timeout, as in gRPC's own
-  libraries: on a slow link a ping waits behind the data sent before it, while the peer's flow-control
-  updates show that it is alive.
+  libraries: on a slow link the answer to a ping waits behind the data sent before it, while that data
+  arriving shows that the peer is alive.
 - A call ended by its deadline or by a lost connection is ended by cancelling the task that waits on it
   (``Wrapper.cancel``); grpclib turns the ``CancelledError`` into its own error but never withdraws the
   cancellation (``Task.uncancel``), so the task stays marked as being cancelled: asyncio's ``timeout``
