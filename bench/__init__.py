@@ -11,8 +11,9 @@ from collections.abc import Sequence
 __all__ = ["main"]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark with command-line ``argv`` (None: ``sys.argv[1:]``); return the exit status."""
+def main(argv: Sequence[str] | None = None, prog: str = "python -m bench") -> int:
+    """Run the benchmark with command-line ``argv`` (None: ``sys.argv[1:]``); return the exit status.
+    ``prog``: the command's name in its usage and error messages."""
     from bench.run import main as run_main  # lazy: ``python -m bench.baseline`` need not import orders
 
-    return run_main(argv)
+    return run_main(argv, prog)

@@ -54,10 +54,10 @@ HOST = "127.0.0.1"
 H2_MAX_STREAMS = 100  # concurrent streams an h2 (grpclib) server allows per connection
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None, prog: str = "python -m bench") -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(
-        prog="python -m bench",
+        prog=prog,
         description="Benchmark the orders server against a trivial grpclib service measured in the same run.",
     )
     add = parser.add_argument
@@ -615,14 +615,14 @@ async def run(args: argparse.Namespace, database: dict[str, Any]) -> dict[str, A
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m bench") -> int:
     """Entry point of ``python -m bench``: 0 when every target passed, 1 otherwise, 2 when ``--db-server``
     cannot be used (unreachable, or psycopg missing)."""
-    args = parse_args(argv)
+    args = parse_args(argv, prog)
     try:
         database = backend_info(args.db_server)
     except Exception as exc:  # e.g. the PostgreSQL server is down: nothing could run
-        print(f"python -m bench: cannot use --db-server {redacted(args.db_server)}: {exc}", file=sys.stderr)
+        print(f"{prog}: cannot use --db-server {redacted(args.db_server)}: {exc}", file=sys.stderr)
         return 2
     result = asyncio.run(run(args, database))
     targets = report.judge(result)

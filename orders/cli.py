@@ -660,7 +660,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args[:1] == ["bench"]:  # the benchmark has its own command line (python -m bench)
         from bench import main as bench_main
 
-        sys.exit(bench_main(args[1:]))
+        sys.exit(bench_main(args[1:], prog="orders bench"))
     parsed, unknown = build_parser().parse_known_args(args)
     if unknown:  # reported with the command's own usage, not the top level's
         parsed.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")

@@ -522,6 +522,15 @@ def test_arguments_the_wire_cannot_carry_or_nobody_reads_are_usage_errors_of_the
 
 
 @pytest.mark.database_free
+@pytest.mark.parametrize("command", [[ORDERS, "bench"], [sys.executable, "-m", "bench"]])
+def test_the_benchmark_names_itself_as_it_was_invoked(command: list[str]) -> None:
+    result = subprocess.run([*command, "--scenarios", "nope"], capture_output=True, text=True, timeout=TIMEOUT)
+    name = "orders bench" if command[0] == ORDERS else "python -m bench"
+    assert result.returncode == 2 and result.stderr.startswith(f"usage: {name} "), result.stderr
+    assert f"{name}: error: unknown scenario(s) nope" in result.stderr
+
+
+@pytest.mark.database_free
 def test_a_client_command_ignores_the_server_only_variables_even_malformed() -> None:
     environment = {**os.environ, "ORDERS_DB": "postgresql://u:hunter2[@db/orders", "ORDERS_PORT": "abc"}
     for command in (["--help"], ["list", "--help"], ["list", "--limit", "0", "--target", f"127.0.0.1:{free_port()}"]):
