@@ -43,18 +43,22 @@ def free_port_pair() -> int:
 def worker_pids(supervisor_pid: int) -> set[int]:
     """The supervisor's worker processes (its children running multiprocessing's spawn entry point)."""
     children = Path(f"/proc/{supervisor_pid}/task/{supervisor_pid}/children").read_text().split()
-    return {
-        int(pid)
-        for pid in children
-        if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()  # not the resource tracker
-    }
+    return {int(pid) for pid in children if b"spawn_main" in command_line(int(pid))}  # not the resource tracker
+
+
+def command_line(pid: int) -> bytes:
+    """Process ``pid``'s command line; empty if it has gone (it can go between listing and reading)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return b""
 
 
 def running(pid: int) -> bool:
     """Whether process ``pid`` exists and has not exited (a zombie has)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # reaped before, or while, the file was read
         return False
     return stat.rpartition(")")[2].split()[0] != "Z"
 
