@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from grpclib.client import Channel
+from hypothesis import HealthCheck, settings
 
 from orders._proto.orders.v1 import OrderServiceStub
 from orders.client import OrderClient
@@ -24,6 +25,12 @@ from orders.testing import DATABASE_ENV, running_server, temporary_database
 
 POSTGRES = os.environ.get("ORDERS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 BACKENDS = ("sqlite", "postgresql")
+
+# The properties tested are about values, not speed: without this, Hypothesis's 200 ms deadline (lifted
+# only where it detects a CI service by its environment) fails a test on one example slowed by a loaded
+# machine, as "Unreliable test timings".
+settings.register_profile("orders", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("orders")
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -339,10 +339,12 @@ async def test_a_watch_quiet_for_longer_than_give_up_after_still_resumes_after_a
     try:
         async with OrderClient(server.target, timeout=20, retry=FAST_RETRY) as client:
             first = await client.create([Item("Book", 1, 10.0)])
-            updates = client.watch(after_sequence=0, give_up_after=1.0)
+            # give_up_after: longer than the restart's outage (a new interpreter starting: 1-2 s on a slow
+            # machine), shorter than the quiet before it
+            updates = client.watch(after_sequence=0, give_up_after=4.0)
             assert (await asyncio.wait_for(updates.__anext__(), 10)).order_id == first.id
             next_update = asyncio.ensure_future(updates.__anext__())
-            await asyncio.sleep(1.5)  # quiet for longer than give_up_after
+            await asyncio.sleep(4.5)  # quiet for longer than give_up_after
             assert await server.stop() == 0
             await server.start()
             second = await client.create([Item("Pen", 1, 1.0)])

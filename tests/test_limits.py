@@ -397,7 +397,9 @@ async def test_no_request_within_the_size_limit_stalls_the_server(tmp_path: Path
                 await asyncio.sleep(0.01)
             code, message = await call
             assert code == "INVALID_ARGUMENT", (method, code, message)
-            assert slowest < 1.0, f"{method}: a health check waited {slowest:.1f}s behind it"
+            # Parsing the worst CreateOrder blocks the event loop 0.3-0.6 s here, so the bound leaves room for
+            # a machine several times slower and still catches the stalls of many seconds this guards against.
+            assert slowest < 3.0, f"{method}: a health check waited {slowest:.1f}s behind it"
     finally:
         channel.close()
         await process.kill()

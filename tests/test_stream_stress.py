@@ -172,8 +172,10 @@ async def test_watchers_that_stop_reading_do_not_slow_writers(server, stub):
             await burst(stub, 100)
         with_stalled = await time_creates(stub, n)
         assert server.feed.watcher_count == STALLED
+    # Sequential fsyncs, which a checkpoint after the bursts can slow down; writers held up by the stalled
+    # watchers would take many times as long, or hang.
     ratio = with_stalled / without
-    assert ratio < 3, f"{n} creates took {with_stalled:.3f}s with {STALLED} stalled watchers, {without:.3f}s without"
+    assert ratio < 5, f"{n} creates took {with_stalled:.3f}s with {STALLED} stalled watchers, {without:.3f}s without"
 
 
 # --- (c) no leaks ------------------------------------------------------------------------------------
