@@ -11,6 +11,7 @@ Without a reachable PostgreSQL its half is skipped with the reason, unless ``ORD
 from __future__ import annotations
 
 import functools
+import gc
 import os
 from collections.abc import AsyncIterator, Iterator
 
@@ -78,6 +79,19 @@ def database_url(backend: str) -> Iterator[str]:
     """A fresh, empty database of this test's backend, for servers the test starts itself."""
     with temporary_database() as url:
         yield url
+
+
+@pytest.fixture
+def no_gc() -> Iterator[None]:
+    """The garbage collector off for the test, so that a collection neither finalises something at a moment
+    the test depends on (a dropped, unclosed stream generator) nor pauses the event loop longer than a
+    timing under test (a keepalive) on a large heap."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 @pytest.fixture

@@ -427,7 +427,7 @@ async def test_a_watch_with_heartbeats_resumes_when_its_connection_goes_silent(s
         await updates.aclose()
 
 
-async def test_a_call_to_a_hung_replica_moves_on_to_the_next_within_two_keepalive_intervals(server):
+async def test_a_call_to_a_hung_replica_moves_on_to_the_next_within_two_keepalive_intervals(server, no_gc):
     """A replica that keeps its connection open but answers nothing (here a frozen proxy in front of it) is
     noticed by an unanswered ping, not by the call's deadline: the call is retried on the next target."""
     proxy = FreezingProxy(server.port)
@@ -442,12 +442,12 @@ async def test_a_call_to_a_hung_replica_moves_on_to_the_next_within_two_keepaliv
         assert client.target == direct
 
 
-async def test_a_slow_link_is_not_taken_for_a_hung_server_while_bytes_keep_arriving(server, client):
+async def test_a_slow_link_is_not_taken_for_a_hung_server_while_bytes_keep_arriving(server, client, no_gc):
     """A watch replaying a backlog over a link too slow for it: the server's answers to the pings wait behind
     seconds of updates, but the updates arriving show that the server is alive."""
     created = await asyncio.gather(*(client.create([Item(f"Book {i}", 1, 10.0)]) for i in range(600)))
     proxy = FreezingProxy(server.port, download_rate=20_000)  # the replay takes 2 s or more
-    async with proxy as slow, OrderClient(slow, keepalive=0.3) as watcher:
+    async with proxy as slow, OrderClient(slow, keepalive=0.5) as watcher:
         updates = watcher.watch(after_sequence=0, reconnect=False)  # a dropped connection would raise
         started = time.monotonic()
         received = []
@@ -456,15 +456,15 @@ async def test_a_slow_link_is_not_taken_for_a_hung_server_while_bytes_keep_arriv
             if len(received) == len(created):
                 break
         await updates.aclose()
-        assert time.monotonic() - started > 1.5  # many times the keepalive: the pings' answers waited
+        assert time.monotonic() - started > 1.5  # three times the keepalive: the pings' answers waited
     assert sorted(received) == sorted(order.id for order in created)
 
 
-async def test_a_server_that_hangs_in_the_middle_of_a_long_call_is_noticed_too(database_url):
+async def test_a_server_that_hangs_in_the_middle_of_a_long_call_is_noticed_too(database_url, no_gc):
     """Pings go on for as long as a call lasts (grpclib by itself stops after two)."""
     async with running_server(database_url) as server:
         proxy = FreezingProxy(server.port)
-        async with proxy as target, OrderClient(target, keepalive=0.3, timeout=10) as client:
+        async with proxy as target, OrderClient(target, keepalive=0.5, timeout=10) as client:
             order = await client.create([Item("Book", 1, 10.0)])
             with write_lock(database_url):  # the change waits for the lock: a long call
                 changing = asyncio.ensure_future(
@@ -474,12 +474,12 @@ async def test_a_server_that_hangs_in_the_middle_of_a_long_call_is_noticed_too(d
                 assert not changing.done()
                 proxy.freeze()
                 frozen_at = time.monotonic()
-                with pytest.raises(Unavailable, match="nothing arrived for 0.3 s after a keepalive ping"):
+                with pytest.raises(Unavailable, match="nothing arrived for 0.5 s after a keepalive ping"):
                     await asyncio.wait_for(changing, 10)
-                assert time.monotonic() - frozen_at < 2
+                assert time.monotonic() - frozen_at < 2.5
 
 
-async def test_a_call_not_safe_to_repeat_fails_with_unavailable_naming_the_unanswered_ping(server):
+async def test_a_call_not_safe_to_repeat_fails_with_unavailable_naming_the_unanswered_ping(server, no_gc):
     proxy = FreezingProxy(server.port)
     async with proxy as hung, OrderClient(hung, keepalive=0.5, timeout=10) as client:
         order = await client.create([Item("Book", 1, 10.0)])
@@ -490,12 +490,12 @@ async def test_a_call_not_safe_to_repeat_fails_with_unavailable_naming_the_unans
         assert time.monotonic() - started < 2.5
 
 
-async def test_a_server_slow_but_alive_answers_pings_and_is_waited_for(database_url):
+async def test_a_server_slow_but_alive_answers_pings_and_is_waited_for(database_url, no_gc):
     """A change held up for 1.5 s by another writer's lock spans several keepalive intervals; the server
     answers each ping meanwhile, so the connection stays up and the change (sent once: it carries an
     expected version) succeeds."""
     async with running_server(database_url) as server, OrderClient(
-        f"127.0.0.1:{server.port}", keepalive=0.2, timeout=10
+        f"127.0.0.1:{server.port}", keepalive=0.5, timeout=10
     ) as client:
         order = await client.create([Item("Book", 1, 10.0)])
         with write_lock(database_url) as release:

@@ -350,7 +350,7 @@ async def test_a_client_given_an_ssl_context_uses_it(tls_server: OrderServer, ce
 
 
 async def test_a_hung_tls_server_is_dropped_promptly_and_the_next_call_connects_afresh(
-    tls_server: OrderServer, certs: SimpleNamespace
+    tls_server: OrderServer, certs: SimpleNamespace, no_gc: None
 ) -> None:
     """A ping left unanswered aborts the connection: a graceful TLS close would wait 30 s for the hung peer's
     reply, meanwhile leaving calls on the connection hanging and handing new calls a half-closed one."""

@@ -10,7 +10,7 @@ import contextlib
 import gc
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 from grpclib.client import Channel, Stream
@@ -66,18 +66,6 @@ async def burst(stub: OrderServiceStub, n: int) -> None:
     """``n`` committed events: n // 2 concurrent creates, each then confirmed."""
     orders = await asyncio.gather(*(create(stub, f"burst {i}") for i in range(n // 2)))
     await asyncio.gather(*(set_status(stub, o.id, OrderStatus.CONFIRMED) for o in orders))
-
-
-@pytest.fixture
-def no_gc() -> Iterator[None]:
-    """The garbage collector off: a stream whose end depends on it (a dropped, unclosed generator
-    finalised whenever a collection happens to run) does not end promptly and fails the test."""
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 def largest_queue(server: OrderServer) -> int:
