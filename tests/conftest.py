@@ -25,6 +25,19 @@ from orders.server import OrderServer
 from orders.testing import DATABASE_ENV, running_server, temporary_database
 
 POSTGRES = os.environ.get("ORDERS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+
+# The tests' own variables; every other ORDERS_* one configures the server or the CLI, and one left set
+# in a developer's shell (ORDERS_TARGET, ORDERS_TOKEN, ...) would reach the servers and commands the
+# tests start.
+TEST_VARIABLES = {
+    "ORDERS_TEST_POSTGRES",
+    "ORDERS_REQUIRE_POSTGRES",
+    "ORDERS_CAMPAIGN",
+    "ORDERS_CRASH_SEED",
+    DATABASE_ENV,
+}
+for _name in [name for name in os.environ if name.startswith("ORDERS_") and name not in TEST_VARIABLES]:
+    del os.environ[_name]
 BACKENDS = ("sqlite", "postgresql")
 
 # The properties tested are about values, not speed: without this, Hypothesis's 200 ms deadline (lifted
