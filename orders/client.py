@@ -442,7 +442,9 @@ class OrderClient:
                 delay = self._pause(attempt)
                 if not retryable or (deadline is not None and deadline.time_remaining() <= delay + MIN_ATTEMPT_SECONDS):
                     raise error from exc
-            await asyncio.sleep(delay)
+                await asyncio.sleep(delay)
+                if deadline is not None and deadline.time_remaining() <= 0:  # the pause overran (a loaded machine)
+                    raise error from exc  # what kept the call from succeeding, not an attempt without time
         raise AssertionError("unreachable")
 
     def _failed(self, index: int, exc: BaseException, error: OrderError | None = None) -> OrderError:

@@ -192,7 +192,9 @@ def _waited_for_a_cpu(burners: int) -> float:
 
 
 def test_the_time_a_process_s_threads_waited_for_a_cpu_is_read_from_the_scheduler() -> None:
-    assert _waited_for_a_cpu(1) < 0.2  # alone on its core: it ran whenever it wanted to
+    # alone on its core, it ran whenever it wanted to (in one of three tries: something else of the
+    # machine's may want that core for a moment)
+    assert any(_waited_for_a_cpu(1) < 0.2 for _ in range(3))
     assert _waited_for_a_cpu(2) >= 0.25  # two on one core: whichever ran, the other waited, about 0.4 s in all
     assert cpu_wait_seconds(2**22 + 1) == 0.0  # no such process: nothing to report, not an error
 

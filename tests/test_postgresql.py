@@ -112,10 +112,12 @@ async def test_the_server_recovers_when_postgresql_drops_its_connections(databas
 
         watching = asyncio.ensure_future(watch())
         with psycopg.connect(database_url.replace(f"/{database}", "/postgres"), autocommit=True) as admin:
-            dropped = admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
-                (database,),
-            ).fetchall()
+            others = "FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()"
+            deadline = asyncio.get_running_loop().time() + TIMEOUT
+            while admin.execute(f"SELECT count(*) {others}", (database,)).fetchone()[0] < 3:
+                assert asyncio.get_running_loop().time() < deadline, "the listener never connected"
+                await asyncio.sleep(0.05)  # the listener connects in the background after start-up
+            dropped = admin.execute(f"SELECT pg_terminate_backend(pid) {others}", (database,)).fetchall()
         assert len(dropped) >= 3  # the writer's, the reader's and the listener's connections
         # The client retries what is safe to retry; the server reconnects instead of failing forever.
         assert (await client.get(order.id)).id == order.id

@@ -234,7 +234,7 @@ async def test_replay_from_zero_then_live_without_gap_or_duplicate_while_writes_
     async def slow_replay(after, order_ids, limit):
         if asyncio.current_task().get_name() != TAILER_TASK:
             heads_seen_by_replay.append(await log_head(server))
-            await asyncio.sleep(0.02)  # a slow page: the writer gets ahead of the replay
+            await asyncio.sleep(0.05)  # a slow page: the writer gets ahead of the replay
         return await read_events(after, order_ids, limit)
 
     server.feed._read_events = slow_replay
