@@ -15,6 +15,7 @@ import math
 import os
 import re
 import time
+import unicodedata
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -160,16 +161,30 @@ def to_units(cents: int) -> float:
 
 
 _CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc, exactly
+# Not in a name either: line and paragraph separators (categories Zl, Zp), which break the line a name is
+# printed on, and the noncharacters, which Unicode reserves for a program's internal use.
+_NONCHARACTERS = "\ufdd0-\ufdef" + "".join(chr(plane << 16 | 0xFFFE) + chr(plane << 16 | 0xFFFF) for plane in range(17))
+_FORBIDDEN_IN_NAME = re.compile(f"[\x00-\x1f\x7f-\x9f\u2028\u2029{_NONCHARACTERS}]")
+_INVISIBLE = {"Cf", "Mn", "Me"}  # format characters and combining marks: nothing to see on their own
 
 
 def validate_product_name(name: str, where: str) -> str:
-    """Check a product name: 1-200 characters, not blank, no control characters."""
+    """Check a product name: 1-200 characters, something visible (not only whitespace, format characters
+    or combining marks), no control characters, line breaks or noncharacters."""
     if not name or not name.strip():
         raise InvalidArgument(f"{where}.product_name must not be empty or only whitespace")
     if len(name) > MAX_NAME_LENGTH:
         raise InvalidArgument(f"{where}.product_name is {len(name)} characters; at most {MAX_NAME_LENGTH} are allowed")
-    if _CONTROL_CHARACTER.search(name):
-        raise InvalidArgument(f"{where}.product_name must not contain control characters")
+    if _FORBIDDEN_IN_NAME.search(name):
+        raise InvalidArgument(
+            f"{where}.product_name must not contain control characters, line or paragraph separators "
+            "(U+2028, U+2029) or Unicode noncharacters"
+        )
+    if all(char.isspace() or unicodedata.category(char) in _INVISIBLE for char in name):
+        raise InvalidArgument(
+            f"{where}.product_name has nothing visible: only whitespace, format characters (such as U+200B) "
+            "or combining marks"
+        )
     return name
 
 
@@ -335,7 +350,10 @@ IDEMPOTENCY_WINDOW_US = 24 * 3600 * 1_000_000
 
 
 def parse_request_id(value: str) -> str | None:
-    """An idempotency key: empty means none; at most 128 characters."""
+    """An idempotency key: empty means none; at most 128 characters, none of them a control character
+    (PostgreSQL's text cannot hold NUL)."""
     if len(value) > MAX_REQUEST_ID_LENGTH:
         raise InvalidArgument(f"request_id may have at most {MAX_REQUEST_ID_LENGTH} characters, got {len(value)}")
+    if _CONTROL_CHARACTER.search(value):
+        raise InvalidArgument("request_id must not contain control characters (NUL, newlines, ...)")
     return value or None

@@ -120,10 +120,19 @@ async def serve(
 
 
 def product_names() -> st.SearchStrategy[str]:
-    """Valid product names: 1-200 characters, not blank, no control characters."""
+    """Valid product names: 1-200 characters, something visible, no control characters, line breaks or
+    noncharacters."""
     return st.text(
-        st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=domain.MAX_NAME_LENGTH
-    ).filter(str.strip)
+        st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), min_size=1, max_size=domain.MAX_NAME_LENGTH
+    ).filter(_is_valid_product_name)
+
+
+def _is_valid_product_name(name: str) -> bool:
+    try:
+        domain.validate_product_name(name, "")
+    except InvalidArgument:
+        return False
+    return True
 
 
 def prices(max_cents: int = 10**8) -> st.SearchStrategy[float]:

@@ -16,6 +16,7 @@ from orders import domain
 from orders._proto.orders.v1 import OrderStatus
 from orders.domain import Status
 from orders.errors import FailedPrecondition, InvalidArgument
+from orders.testing import product_names
 
 P, C, S, D, X = Status.PENDING, Status.CONFIRMED, Status.SHIPPED, Status.DELIVERED, Status.CANCELLED
 
@@ -176,6 +177,13 @@ def test_quantity_out_of_bounds(quantity: int) -> None:
         ("bell\x07", "control characters"),
         ("del\x7f", "control characters"),
         ("c1\x85", "control characters"),
+        ("two\u2028lines", "line or paragraph separators"),
+        ("paragraph\u2029", "line or paragraph separators"),
+        ("non\ufffecharacter", "noncharacters"),
+        ("plane 16 \U0010ffff", "noncharacters"),
+        ("\u200b", "nothing visible"),  # zero-width space
+        ("\u0301", "nothing visible"),  # a combining accent on nothing
+        ("\u200b \u2060\u00ad", "nothing visible"),
     ],
 )
 def test_invalid_product_names(name: str, fragment: str) -> None:
@@ -185,7 +193,20 @@ def test_invalid_product_names(name: str, fragment: str) -> None:
     assert fragment in info.value.message
 
 
-@pytest.mark.parametrize("name", ["Café ☕", "日本語の本", "🍕 pizza", "a" * 200, "é" * 200, "Big  Mac", " padded "])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Café ☕",
+        "日本語の本",
+        "🍕 pizza",
+        "a" * 200,
+        "é" * 200,
+        "Big  Mac",
+        " padded ",
+        "👨\u200d👩\u200d👧 family",  # joiners inside an emoji sequence
+        "می\u200cخواهم",  # a zero-width non-joiner, as Persian spelling needs
+    ],
+)
 def test_valid_product_names_kept_verbatim(name: str) -> None:
     assert domain.validate_item(name, 1, 1.0, 0).product_name == name
 
@@ -259,12 +280,9 @@ def test_invalid_currencies(code: str) -> None:
 
 
 # hypothesis: valid items, and the exact integer sum of their totals
-valid_names = st.text(
-    alphabet=st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=domain.MAX_NAME_LENGTH
-).filter(str.strip)
 valid_items = st.lists(
     st.tuples(
-        valid_names,
+        product_names(),
         st.integers(min_value=1, max_value=domain.MAX_QUANTITY),
         st.integers(min_value=0, max_value=domain.MAX_PRICE_UNITS * domain.CENTS_PER_UNIT),
     ),
@@ -403,6 +421,9 @@ def test_parse_request_id() -> None:
     assert domain.parse_request_id("k" * 128) == "k" * 128
     with pytest.raises(InvalidArgument, match="at most 128 characters, got 129"):
         domain.parse_request_id("k" * 129)
+    assert domain.parse_request_id("order 42 / café") == "order 42 / café"
+    with pytest.raises(InvalidArgument, match="request_id must not contain control characters"):
+        domain.parse_request_id("a\x00b")
 
 
 # --- list queries and page tokens --------------------------------------------------------------

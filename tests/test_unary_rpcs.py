@@ -151,6 +151,9 @@ BAD_CREATES: list[tuple[str, Items, float, str, list[str]]] = [
     ("name NUL", [GOOD, ("a\x00b", 1, 1.0)], 0, "", ["items[1].product_name", "control characters"]),
     ("name newline", [GOOD, ("a\nb", 1, 1.0)], 0, "", ["items[1].product_name", "control characters"]),
     ("name DEL", [GOOD, ("a\x7f", 1, 1.0)], 0, "", ["items[1].product_name", "control characters"]),
+    ("name line separator", [GOOD, ("a\u2028b", 1, 1.0)], 0, "", ["items[1].product_name", "U+2028"]),
+    ("name noncharacter", [GOOD, ("a\ufffe", 1, 1.0)], 0, "", ["items[1].product_name", "noncharacters"]),
+    ("name invisible", [GOOD, ("\u200b\u0301", 1, 1.0)], 0, "", ["items[1].product_name", "nothing visible"]),
     ("total != computed", [("pen", 3, 19.99)], 59.96, "", ["total_amount", "59.96", "59.97"]),
     ("total NaN", [("pen", 3, 19.99)], math.nan, "", ["total_amount", "finite"]),
     ("total negative", [("pen", 3, 19.99)], -59.97, "", ["total_amount", "negative"]),
@@ -179,6 +182,14 @@ async def test_create_rejects_invalid_input_and_stores_nothing(
 async def test_create_rejects_overlong_request_id(stub: OrderServiceStub) -> None:
     await fails(stub.create_order(create_request([GOOD], request_id="k" * 129)), Status.INVALID_ARGUMENT,
                 "request_id", "128", "129")
+    assert await all_orders(stub) == []
+
+
+@pytest.mark.parametrize("request_id", ["a\x00b", "line\n", "\x7f"])
+async def test_create_rejects_a_request_id_with_control_characters(stub: OrderServiceStub, request_id: str) -> None:
+    """On both backends alike (PostgreSQL's text cannot hold NUL: this was INTERNAL there)."""
+    await fails(stub.create_order(create_request([GOOD], request_id=request_id)), Status.INVALID_ARGUMENT,
+                "request_id", "control characters")
     assert await all_orders(stub) == []
 
 

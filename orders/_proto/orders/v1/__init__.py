@@ -178,8 +178,9 @@ class CreateOrderRequest(betterproto2.Message):
 
     request_id: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
     """
-    Idempotency key; empty = none. Reusing a key with the same request within 24 h returns the
-    original order; reusing it with a different request fails with ALREADY_EXISTS.
+    Idempotency key, at most 128 characters and no control characters; empty = none. Reusing a key
+    with the same request within 24 h creates nothing and returns the order it created, as it is now
+    (with any status changes since); reusing it with a different request fails with ALREADY_EXISTS.
     """
 
     currency_code: "str" = betterproto2.field(4, betterproto2.TYPE_STRING)
@@ -204,7 +205,7 @@ class CreateOrderResponse(betterproto2.Message):
 
     order: "Order | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
     """
-    The new (or, on an idempotent retry, the original) order.
+    The new order (or, on an idempotent retry, the one the first request created).
     """
 
 
@@ -418,8 +419,9 @@ class OrderStatusStreamRequest(betterproto2.Message):
 
     after_sequence: "int | None" = betterproto2.field(2, betterproto2.TYPE_INT64, optional=True)
     """
-    Unset = live updates only. N >= 0 = first every retained update with sequence > N
-    (0 = from the start of the log), then live, with no gap and no duplicate.
+    Unset = live updates only. N >= 0 = first every update with sequence > N (0 = from sequence 1),
+    then live, with no gap and no duplicate; OUT_OF_RANGE, naming the retained range, if retention
+    has pruned any of them.
     """
 
     heartbeat_seconds: "int" = betterproto2.field(3, betterproto2.TYPE_INT32)
