@@ -1,11 +1,18 @@
-"""The server's HTTP/2 connections: tracked, so a drained server can close them, and with their writes
-coalesced, so that what one event-loop iteration writes to a connection leaves in one ``send``.
+"""The server's HTTP/2 connections: tracked, so a drained server can close them, with their writes
+coalesced, so that what one event-loop iteration writes to a connection leaves in one ``send``, and with
+room for more concurrent streams than h2's default of 100.
 
 grpclib writes a unary reply's headers, message and trailers with three ``transport.write`` calls, each
 a system call, and a status update to each of a connection's watchers with one call per watcher. Here
 each connection's transport collects the writes of an iteration and sends them together at its end,
 which costs one loop callback instead of system calls and changes nothing in what is sent or when
 within a millisecond.
+
+A client may open no more streams on a connection than the server's MAX_CONCURRENT_STREAMS setting says,
+and queues the rest itself. With h2's 100, the watch limit per connection (also 100 by default) could never
+be reached: a client with 100 open watches had its next watch, and every unary call on that connection,
+wait in its own queue until their deadlines, instead of the server answering RESOURCE_EXHAUSTED for the
+watch. The setting is therefore the watch limit plus h2's 100 for the other calls.
 """
 
 from __future__ import annotations
@@ -15,6 +22,10 @@ from typing import Any
 
 from grpclib.protocol import H2Protocol
 from grpclib.server import Server
+from h2.settings import SettingCodes
+
+OTHER_CALLS_PER_CONNECTION = 100  # concurrent streams a connection gets beyond its watches (h2's default)
+MAX_SETTING = 2**31 - 1  # the largest MAX_CONCURRENT_STREAMS that HTTP/2 allows
 
 
 class CoalescingTransport:
@@ -51,9 +62,11 @@ class CoalescingTransport:
 
 
 class Connections:
-    """Installs itself as ``server``'s protocol factory; knows every open connection."""
+    """Installs itself as ``server``'s protocol factory; knows every open connection, and lets each carry
+    ``watches_per_connection`` watches and OTHER_CALLS_PER_CONNECTION other calls at once."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, watches_per_connection: int) -> None:
+        self._max_concurrent_streams = min(watches_per_connection + OTHER_CALLS_PER_CONNECTION, MAX_SETTING)
         self._open: set[H2Protocol] = set()
         self._make_protocol = server._protocol_factory
         server._protocol_factory = self._protocol  # type: ignore[method-assign]
@@ -75,6 +88,9 @@ class Connections:
 
         def connection_made(transport: asyncio.BaseTransport) -> None:
             made(CoalescingTransport(transport))  # type: ignore[arg-type]
+            connection = protocol.connection
+            connection._connection.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: self._max_concurrent_streams})
+            connection.flush()
 
         def connection_lost(exc: BaseException | None) -> None:
             self._open.discard(protocol)

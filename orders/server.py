@@ -84,7 +84,8 @@ class OrderServer:
         self._calls = CallMiddleware(guards, observers)
         self._server = Server(handlers, codec=StrictProtoCodec())
         self._calls.install(self._server)
-        self._connections = Connections(self._server)  # the open ones, to close them on stop()
+        # the open ones, to close them on stop()
+        self._connections = Connections(self._server, config.max_streams_per_connection)
         self._commit_listener: asyncio.Task[None] | None = None  # PostgreSQL LISTEN: other replicas' commits
         self.port = 0
         self.abandoned_database_work = False  # set by stop() when a storage thread would not finish

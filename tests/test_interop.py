@@ -384,6 +384,30 @@ def test_stream_without_after_sequence_is_live_only(stub: Any, pb: SimpleNamespa
         call.cancel()
 
 
+def test_a_connection_full_of_watches_is_refused_more_and_still_serves_unary_calls(
+    port: int, pb: SimpleNamespace
+) -> None:
+    """100 watches (the default limit per connection) on one grpcio connection: the 101st gets the documented
+    RESOURCE_EXHAUSTED, and a unary call is answered at once. With HTTP/2's MAX_CONCURRENT_STREAMS at 100
+    too, grpcio queued both itself, and they ended in DEADLINE_EXCEEDED."""
+    options = [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own, not the module channel's
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as own:
+        stub = pb.grpc.OrderServiceStub(own)
+        live = pb.pb2.OrderStatusStreamRequest(heartbeat_seconds=1)
+        watches = [stub.OrderStatusStream(live, timeout=DEADLINE) for _ in range(100)]
+        try:
+            assert all(next(watch).order_id == "" for watch in watches)  # each is open: its first heartbeat
+            error = stream_error(stub, live)
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+            assert "--max-streams-per-connection" in error.details()
+            started = time.monotonic()
+            stub.ListOrders(pb.pb2.ListOrdersRequest(page_size=1), timeout=DEADLINE)
+            assert time.monotonic() - started < DEADLINE / 2
+        finally:
+            for watch in watches:
+                watch.cancel()
+
+
 # --- error statuses as grpcio sees them -----------------------------------------------------------------------
 
 
