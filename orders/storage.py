@@ -615,12 +615,16 @@ class Repository:
         return {order_id: state for order_id, *state in self._run_for_rows("select order", [(i,) for i in order_ids])}
 
     def list_orders(self, query: ListQuery) -> tuple[list[bytes], int | None]:
-        """One page of orders oldest first, encoded, and the key to continue after (None on the last page)."""
+        """One page of orders oldest first, encoded, and the key to continue after (None on the last page).
+        A page holds fewer than ``page_size`` orders, and a key to continue, where more would not fit one
+        reply (see :func:`orders.wire.orders_that_fit`)."""
         params = (query.after_key, *sorted(query.statuses), query.page_size + 1)
         rows = self.database.execute_sql(self._page_sql(len(query.statuses)), params).fetchall()
         more = len(rows) > query.page_size
-        rows = rows[: query.page_size]
-        return [encoded for _, encoded in rows], (rows[-1][0] if more else None)
+        orders = [encoded for _, encoded in rows[: query.page_size]]
+        if sum(map(len, orders)) + wire.ORDER_FIELD_HEADER_BYTES * len(orders) > wire.MAX_PAGE_BYTES:
+            orders, more = orders[: wire.orders_that_fit(orders)], True
+        return orders, (rows[len(orders) - 1][0] if more else None)
 
     def _page_sql(self, status_count: int) -> str:
         """The SQL of a ListOrders page filtered by ``status_count`` statuses (0: all): it takes

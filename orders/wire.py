@@ -96,6 +96,24 @@ def order_reply(encoded_order: bytes) -> EncodedReply:
     return EncodedReply(_order_header(len(encoded_order)) + encoded_order)
 
 
+# The most a ListOrders page's orders may take: gRPC clients refuse replies over 4 MiB by default (grpcio's
+# "Received message larger than max"), and fifty orders of a thousand long-named items are ten times that.
+# The rest is left for the page token and each order's field header (at most 4 bytes).
+MAX_PAGE_BYTES = 4 * 1024 * 1024 - 4096
+ORDER_FIELD_HEADER_BYTES = 4
+
+
+def orders_that_fit(encoded_orders: list[bytes]) -> int:
+    """How many of ``encoded_orders``, from the first, fit in one ListOrders reply (MAX_PAGE_BYTES); at least
+    one, since no single order comes near it."""
+    total = 0
+    for count, order in enumerate(encoded_orders):
+        total += len(order) + ORDER_FIELD_HEADER_BYTES
+        if total > MAX_PAGE_BYTES:
+            return max(count, 1)
+    return len(encoded_orders)
+
+
 def list_orders_reply(encoded_orders: list[bytes], next_page_token: str) -> EncodedReply:
     """A ListOrdersResponse of encoded orders (as :func:`encode_order` makes them)."""
     header = _order_header

@@ -124,6 +124,22 @@ async def test_last_page_exactly_full_has_no_token(stub: OrderServiceStub) -> No
     assert second.next_page_token == ""  # no empty third page
 
 
+async def test_a_page_of_large_orders_stops_short_of_4_mib_and_continues_on_the_next(stub: OrderServiceStub) -> None:
+    """Six valid orders of 1,000 items with 200-character names (0.8 MB each): a default page of all six would
+    be 5 MB, which gRPC clients refuse by default (grpcio: "Received message larger than max")."""
+    large = [OrderItem(product_name=f"{i:03}" + "🍕" * 197, quantity=1, price=1.0) for i in range(1_000)]
+    created = [(await stub.create_order(CreateOrderRequest(items=large))).order for _ in range(6)]
+    replies, token = [], ""
+    while True:
+        reply = await page(stub, 0, token)
+        replies.append(reply)
+        if not (token := reply.next_page_token):
+            break
+    assert all(len(bytes(reply)) <= 4 * 1024 * 1024 for reply in replies)
+    assert [len(reply.orders) for reply in replies] == [4, 2]
+    assert [o.id for reply in replies for o in reply.orders] == ids(created)  # each once, in order
+
+
 async def test_page_size_zero_means_50(stub: OrderServiceStub) -> None:
     created = await create_many(stub, 51)
     first = await page(stub, 0)

@@ -71,3 +71,12 @@ def test_a_status_change_rewrites_only_status_version_and_update_time(
 ) -> None:
     changed = order._replace(status=status, version=version, update_time_us=update_time_us)
     assert wire.with_status(wire.encode_order(order), status, version, update_time_us) == wire.encode_order(changed)
+
+
+def test_orders_that_fit_one_list_reply() -> None:
+    assert wire.orders_that_fit([]) == 0
+    assert wire.orders_that_fit([b"x" * 100] * 50) == 50
+    exactly = wire.MAX_PAGE_BYTES // 2 - wire.ORDER_FIELD_HEADER_BYTES
+    assert wire.orders_that_fit([b"x" * exactly] * 3) == 2  # the second ends at the budget, the third is over
+    assert wire.orders_that_fit([b"x" * (exactly + 1)] * 3) == 1
+    assert wire.orders_that_fit([b"x" * wire.MAX_PAGE_BYTES, b"x"]) == 1  # never an empty page

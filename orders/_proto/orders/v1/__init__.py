@@ -295,7 +295,8 @@ class ListOrdersResponse(betterproto2.Message):
 
     orders: "list[Order]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
     """
-    Up to page_size orders, oldest first.
+    Up to page_size orders, oldest first: fewer where more would make this reply larger than 4 MiB
+    (gRPC's usual limit), with next_page_token set all the same.
     """
 
     next_page_token: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
