@@ -73,14 +73,16 @@ def framed(message: Message) -> FramedMessages:
 
 
 async def send_framed(stream: Stream, messages: FramedMessages) -> None:
-    """Send already framed messages in one HTTP/2 write, after the response headers if not yet sent.
+    """Send already framed messages in one HTTP/2 write, after the response headers if not yet sent (no
+    messages: just the headers).
 
     grpclib's ``send_message`` encodes and writes one message at a time (and fires ``SendMessage``
     events, which nothing here listens to); a stream that has several updates waiting sends them at once.
     """
     if not stream._send_initial_metadata_done:
         await stream.send_initial_metadata()
-    await stream._stream.send_data(messages)
+    if messages:
+        await stream._stream.send_data(messages)
 
 
 class StrictProtoCodec(ProtoCodec):

@@ -356,11 +356,13 @@ class Feed(Generic[T]):
                 if not watchers:
                     del self._by_order[order_id]
 
-    async def watch(self, query: WatchQuery) -> AsyncIterator[list[T]]:
+    async def watch(self, query: WatchQuery, *, announce: bool = False) -> AsyncIterator[list[T]]:
         """Yield rendered updates for ``query``: replay from the log if asked, then live, forever.
 
         Updates come in batches: everything this watcher has pending when it gets to run (a page, when
         catching up), so a busy server sends each stream fewer, larger writes instead of falling behind.
+        With ``announce``, the first batch is empty and comes as soon as the watcher is registered (every
+        change committed from then on will come), so that a quiet stream can tell its client it runs.
         """
         watcher: _Watcher[T] = _Watcher(query.order_ids, self._queue_capacity)
         loop = asyncio.get_running_loop()
@@ -384,6 +386,8 @@ class Feed(Generic[T]):
             self._register(watcher)
             if self._closed:  # a call that slipped in while the server is shutting down
                 watcher.close()
+            elif announce:
+                yield []
             catching_up = True
             while True:
                 if watcher.closed:

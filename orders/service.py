@@ -92,7 +92,9 @@ class OrderService(OrderServiceBase):
     ) -> AsyncIterator[FramedMessages]:
         after_sequence = message.after_sequence if message.HasField("after_sequence") else None
         query = domain.parse_watch_query(message.order_ids, after_sequence, message.heartbeat_seconds)
-        async with contextlib.aclosing(self._feed.watch(query)) as batches:  # see below
+        # The first batch, empty, says that the watch is registered: the response headers go out then, so
+        # a client waiting for them (gRPC Go's Header(), proxies) knows the call runs before any update.
+        async with contextlib.aclosing(self._feed.watch(query, announce=True)) as batches:  # see below
             async for batch in batches:
                 yield FramedMessages(b"".join(batch))
 

@@ -384,6 +384,21 @@ def test_stream_without_after_sequence_is_live_only(stub: Any, pb: SimpleNamespa
         call.cancel()
 
 
+def test_a_quiet_live_stream_sends_its_headers_once_registered(stub: Any, pb: SimpleNamespace) -> None:
+    """A client that waits for the response headers (as gRPC Go's ``Header()`` does) gets them without an
+    update to wait for, and once it has them the watch is registered: a change made then reaches it."""
+    call = stub.OrderStatusStream(pb.pb2.OrderStatusStreamRequest(), timeout=DEADLINE)  # live, no heartbeats
+    try:
+        started = time.monotonic()
+        call.initial_metadata()
+        assert time.monotonic() - started < DEADLINE / 2
+        order = create(stub, pb)
+        update = next(call)
+        assert (update.order_id, update.status) == (order.id, pb.pb2.ORDER_STATUS_PENDING)
+    finally:
+        call.cancel()
+
+
 def test_a_connection_full_of_watches_is_refused_more_and_still_serves_unary_calls(
     port: int, pb: SimpleNamespace
 ) -> None:
