@@ -44,7 +44,8 @@ POSTGRES_CONNECT_TIMEOUT = 5  # seconds; a URL may set its own ``connect_timeout
 # A replica that stops in the middle of a write (paused, frozen, cut off from the network) would hold the
 # write lock, and so stop every replica's writes, until the database noticed; after this long idle inside
 # a transaction the database ends its session instead (no write of ours pauses for more than milliseconds).
-POSTGRES_IDLE_IN_TRANSACTION_MS = 10_000
+# Half a client's default deadline (10 s): the writes waiting behind it still finish within theirs.
+POSTGRES_IDLE_IN_TRANSACTION_MS = 5_000
 # TCP keepalives (libpq's, so a URL may set its own): a database server that vanished without closing the
 # connection is noticed within about half a minute, instead of a read waiting for hours.
 POSTGRES_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}

@@ -42,7 +42,9 @@ log = logging.getLogger(__name__)
 START_TIMEOUT = 60.0  # seconds a worker gets to open the database and start listening
 RESTART_DELAY = 1.0  # seconds before a worker that died is replaced, so a crash loop does not spin
 BEAT_INTERVAL = 1.0  # seconds between a worker's beats to the supervisor
-SILENCE_LIMIT = 10.0  # seconds without a beat after which a worker is taken as hung
+# Seconds without a beat after which a worker is taken as hung: half a client's default deadline (10 s), so
+# that writes through the other workers, waiting for the write lock a hung worker may hold, finish in theirs.
+SILENCE_LIMIT = 5.0
 STOP_MARGIN = 5.0  # seconds a worker gets to exit after SIGTERM beyond --grace, before SIGKILL
 PR_SET_PDEATHSIG = 1  # Linux prctl(2): the signal this process gets when its parent dies
 
