@@ -192,6 +192,8 @@ class Feed(Generic[T]):
         self._reading_the_log = asyncio.Semaphore(MAX_CATCHING_UP)
         self._recent: dict[int, T] = {}  # sequence -> payload, of the newest published events, oldest first
         self.head = 0
+        self.log_readable = True  # whether the tailer's last read of the log succeeded
+        self.on_readable_change: Callable[[bool], None] = lambda readable: None  # called when that changes
 
     @property
     def watcher_count(self) -> int:
@@ -271,9 +273,18 @@ class Feed(Generic[T]):
                 while await self._publish_next_page():
                     pass
             except Unavailable as exc:  # the database is the truth: read it again on the next wake-up
+                self._set_readable(False)
                 log.warning("reading the event log failed (%s); retrying", exc.message)
             except Exception:
+                self._set_readable(False)
                 log.exception("reading the event log failed; retrying")
+            else:
+                self._set_readable(True)
+
+    def _set_readable(self, readable: bool) -> None:
+        if readable != self.log_readable:
+            self.log_readable = readable
+            self.on_readable_change(readable)
 
     async def _publish_next_page(self) -> bool:
         events = await self._read_events(self.head, (), self._page_size)
@@ -422,7 +433,10 @@ class Feed(Generic[T]):
                         yield batch
                         watcher.heartbeat_due = loop.time() + beat
                 elif loop.time() >= watcher.heartbeat_due:  # idle and up to date
-                    yield [self._render_heartbeat(max(self.head, cursor))]
+                    # ... as far as anyone knows: while the log cannot be read, no heartbeat claims so, and a
+                    # client that hears none for a while moves on to another server
+                    if self.log_readable:
+                        yield [self._render_heartbeat(max(self.head, cursor))]
                     watcher.heartbeat_due = loop.time() + beat
                 else:
                     watcher.wakeup.clear()

@@ -15,7 +15,6 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
-from grpclib.health.service import Health
 from grpclib.health.v1 import health_pb2
 from grpclib.reflection.service import ServerReflection
 from grpclib.reflection.v1 import reflection_pb2 as reflection_v1_pb2
@@ -28,6 +27,7 @@ from orders.auth import SecurityConfigError, TokenGuard, keep_headers_out_of_log
 from orders.calls import CallGuard, CallMiddleware, CallObserver, StrictProtoCodec, log_access
 from orders.config import ServerConfig, add_server_arguments, config_from_args, redacted
 from orders.connections import Connections
+from orders.health import ServerHealth
 from orders.limits import MessageSizeLimit, StreamLimits
 from orders.observability import Metrics, log_access_json, use_json_logging
 from orders.service import OrderService, new_feed
@@ -62,7 +62,8 @@ class OrderServer:
         siblings_unannounced = config.workers > 1 and not self.storage.is_postgresql
         self.feed = new_feed(self.storage, SQLITE_SIBLING_POLL_INTERVAL if siblings_unannounced else POLL_INTERVAL)
         self.service = OrderService(self.storage, self.feed)
-        self.health = Health({self.service: []})  # SERVING for "" and for orders.v1.OrderService
+        self.health = ServerHealth(self.service)  # for "" and for orders.v1.OrderService
+        self.feed.on_readable_change = self.health.set_serving  # NOT_SERVING while the log cannot be read
         services = [self.service, self.health]
         handlers = ServerReflection.extend(services, pool=_DESCRIPTORS)
         for reflection in handlers[len(services) :]:  # list the reflection services too, as grpcio servers do
@@ -126,6 +127,7 @@ class OrderServer:
         deadline = loop.time() + self.config.grace
         self._server._server.close()  # stop accepting connections
         self._calls.refuse_new_calls()  # before the streams end: a client told to reconnect must not get in
+        self.health.drain()
         await self.feed.close()
         if self._commit_listener is not None:
             self._commit_listener.cancel()

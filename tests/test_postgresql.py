@@ -9,15 +9,20 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import peewee
 import psycopg
 import pytest
+from grpclib.client import Channel
+from grpclib.health.v1.health_grpc import HealthStub
+from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from server_process import free_port
 
 import orders.server
 import orders.storage
+from orders._proto.orders.v1 import OrderServiceStub, OrderStatusStreamRequest
 from orders.client import Item, OrderClient
 from orders.domain import NewOrder, Status, validate_new_order
 from orders.storage import SCHEMA_VERSION, Repository, open_database
@@ -160,3 +165,65 @@ async def test_a_replica_frozen_in_the_middle_of_a_write_holds_up_the_others_onl
             frozen.execute_sql("SELECT 1")
         frozen.close()
         assert (await client.get(order.id)).id == order.id
+
+
+async def test_a_replica_that_cannot_read_its_database_says_not_serving_and_sends_no_heartbeats(
+    database_url: str,
+) -> None:
+    """While its database refuses it (here: connections to it disallowed and the open ones ended), a replica's
+    health is NOT_SERVING, so that a load balancer stops sending it calls, and its watches get no heartbeat
+    claiming to be up to date, so that a client moves on to another replica; both come back with it."""
+    database = database_url.rsplit("/", 1)[1]
+    async with running_server(database_url) as server:
+        channel = Channel("127.0.0.1", server.port)
+        heartbeats: list[int] = []
+
+        async def watch() -> None:
+            async for update in OrderServiceStub(channel).order_status_stream(
+                OrderStatusStreamRequest(heartbeat_seconds=1)
+            ):
+                heartbeats.append(update.sequence)
+
+        async def status() -> HealthCheckResponse.ServingStatus:
+            request = HealthCheckRequest(service="orders.v1.OrderService")
+            return (await HealthStub(channel).Check(request, timeout=TIMEOUT)).status
+
+        watching = asyncio.ensure_future(watch())
+        try:
+            assert await status() == HealthCheckResponse.SERVING
+            await wait_until(lambda: len(heartbeats) >= 1, "a first heartbeat")
+            with psycopg.connect(database_url.replace(f"/{database}", "/postgres"), autocommit=True) as admin:
+                allow = f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS %s'
+                admin.execute(allow % "false")
+                try:
+                    admin.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
+                        "AND pid <> pg_backend_pid()",
+                        (database,),
+                    )
+                    await wait_until_async(status, HealthCheckResponse.NOT_SERVING)
+                    quiet_from = len(heartbeats)
+                    await asyncio.sleep(2.5)  # two and a half heartbeat intervals
+                    assert len(heartbeats) == quiet_from, "a heartbeat while the log could not be read"
+                finally:
+                    admin.execute(allow % "true")
+            await wait_until_async(status, HealthCheckResponse.SERVING)
+            await wait_until(lambda: len(heartbeats) > quiet_from, "heartbeats again")
+        finally:
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
+            channel.close()
+
+
+async def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + TIMEOUT
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"waited {TIMEOUT} s for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def wait_until_async(current: Callable[[], Awaitable[object]], expected: object) -> None:
+    deadline = asyncio.get_running_loop().time() + TIMEOUT
+    while (got := await current()) != expected:
+        assert asyncio.get_running_loop().time() < deadline, f"waited {TIMEOUT} s for {expected}, still {got}"
+        await asyncio.sleep(0.1)

@@ -27,7 +27,10 @@ from typing import Any
 
 import pytest
 from grpclib.client import Channel
+from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
+from grpclib.health.v1.health_grpc import HealthStub
+from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from server_process import ServerProcess
 
 from orders import storage
@@ -290,6 +293,29 @@ async def test_in_flight_calls_finish_and_late_calls_are_refused(tmp_path, datab
     finally:
         for channel in channels:
             channel.close()
+        await server.kill()
+
+
+async def test_a_health_watch_ends_at_once_and_does_not_hold_up_the_shutdown(tmp_path, database_url):
+    """grpcio's client-side health checking keeps a Health/Watch open on every connection: on SIGTERM it ends
+    with UNAVAILABLE at once, as the order streams do, instead of running to the end of --grace."""
+    server = ServerProcess(tmp_path, database_url, args=["--grace", "10"])
+    channel = Channel("127.0.0.1", server.port)
+    try:
+        await server.start()
+        watch = await HealthStub(channel).Watch.open(timeout=T).__aenter__()
+        await watch.send_message(HealthCheckRequest(service="orders.v1.OrderService"), end=True)
+        assert (await watch.recv_message()).status == HealthCheckResponse.SERVING
+        signalled = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(watch.recv_message(), 5) is None  # ended ...
+        with pytest.raises(GRPCError) as ended:
+            await watch.recv_trailing_metadata()  # ... with this status
+        assert ended.value.status is Status.UNAVAILABLE and "shutting down" in (ended.value.message or "")
+        assert await server.wait(5) == 0
+        assert time.monotonic() - signalled < 3, "the shutdown waited for the health watch"
+    finally:
+        channel.close()
         await server.kill()
 
 
