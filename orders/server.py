@@ -84,6 +84,10 @@ class OrderServer:
         self.metrics_port: int | None = None
         self._calls = CallMiddleware(guards, observers)
         self._server = Server(handlers, codec=StrictProtoCodec())
+        # gRPC metadata values are ASCII, and grpclib has h2 decode headers as such: one byte outside it (a
+        # raw client's "café") raised UnicodeDecodeError inside grpclib, which dropped the whole connection
+        # and every call on it. Latin-1 decodes any byte, so such a value just reaches no header we read.
+        self._server._h2_config.header_encoding = "latin-1"
         self._calls.install(self._server)
         # the open ones, to close them on stop()
         self._connections = Connections(self._server, config.max_streams_per_connection)

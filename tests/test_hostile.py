@@ -915,6 +915,31 @@ async def other_clients(harness: Harness) -> AsyncIterator[None]:
     await harness.no_open_streams()
 
 
+async def test_a_metadata_value_that_is_not_ascii_fails_no_connection(harness: Harness) -> None:
+    """gRPC metadata values are ASCII; one that is not (UTF-8 "café" from a raw client) made h2 raise
+    UnicodeDecodeError inside grpclib, which dropped the connection with every call on it."""
+    async with other_clients(harness):
+        raw = await RawH2.open(harness.server.port)
+        try:
+            request = grpc_message(f_bytes(1, str(uuid.uuid4())))  # a GetOrder for an order that does not exist
+            for extra in ([("x-note", "café")], []):  # ... then a plain call on the same connection
+                headers = [
+                    (":method", "POST"),
+                    (":scheme", "http"),
+                    (":path", SERVICE + "GetOrder"),
+                    (":authority", "orders"),
+                    ("content-type", "application/grpc"),
+                    ("te", "trailers"),
+                    *extra,
+                ]
+                stream_id = raw.start("GetOrder", headers=headers)
+                raw.conn.send_data(stream_id, request, end_stream=True)
+                await raw.flush()
+                assert (await raw.response(stream_id)).get("grpc-status") == "5", extra  # NOT_FOUND: it was served
+        finally:
+            raw.close()
+
+
 GARBAGE = [
     b"",
     b"\x00" * 24,
