@@ -160,11 +160,12 @@ def to_units(cents: int) -> float:
 # --- validation of requests --------------------------------------------------------------------
 
 
-_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc, exactly
+_CONTROL_CHARACTERS = "\x00-\x1f\x7f-\x9f"  # Unicode category Cc, exactly
+_CONTROL_CHARACTER = re.compile(f"[{_CONTROL_CHARACTERS}]")
 # Not in a name either: line and paragraph separators (categories Zl, Zp), which break the line a name is
 # printed on, and the noncharacters, which Unicode reserves for a program's internal use.
 _NONCHARACTERS = "\ufdd0-\ufdef" + "".join(chr(plane << 16 | 0xFFFE) + chr(plane << 16 | 0xFFFF) for plane in range(17))
-_FORBIDDEN_IN_NAME = re.compile(f"[\x00-\x1f\x7f-\x9f\u2028\u2029{_NONCHARACTERS}]")
+_FORBIDDEN_IN_NAME = re.compile(f"[{_CONTROL_CHARACTERS}\u2028\u2029{_NONCHARACTERS}]")
 _INVISIBLE = {"Cf", "Mn", "Me"}  # format characters and combining marks: nothing to see on their own
 
 

@@ -1,9 +1,9 @@
-"""The server's grpc.health.v1 service: grpclib's, reporting NOT_SERVING while the server drains or cannot
-read its database, and ending its Watch calls when the server drains, as the order streams end.
+"""The server's grpc.health.v1 service: grpclib's, reporting NOT_SERVING while the server cannot read its
+database, and ending its Watch calls when the server drains, as the order streams end.
 
 A load balancer or a grpcio client with health checking then stops sending calls to a replica whose
-database is out of reach (each would fail with UNAVAILABLE) or that is shutting down, and a Watch no
-longer holds up a graceful shutdown for the whole grace period.
+database is out of reach (each would fail with UNAVAILABLE), and a Watch no longer holds up a graceful
+shutdown for the whole grace period.
 """
 
 from __future__ import annotations
