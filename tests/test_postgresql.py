@@ -19,6 +19,7 @@ from grpclib.client import Channel
 from grpclib.health.v1.health_grpc import HealthStub
 from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from server_process import free_port
+from test_stream import eventually
 
 import orders.server
 import orders.storage
@@ -191,7 +192,7 @@ async def test_a_replica_that_cannot_read_its_database_says_not_serving_and_send
         watching = asyncio.ensure_future(watch())
         try:
             assert await status() == HealthCheckResponse.SERVING
-            await wait_until(lambda: len(heartbeats) >= 1, "a first heartbeat")
+            await eventually(lambda: len(heartbeats) >= 1, "a first heartbeat", TIMEOUT)
             with psycopg.connect(database_url.replace(f"/{database}", "/postgres"), autocommit=True) as admin:
                 allow = f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS %s'
                 admin.execute(allow % "false")
@@ -208,18 +209,11 @@ async def test_a_replica_that_cannot_read_its_database_says_not_serving_and_send
                 finally:
                     admin.execute(allow % "true")
             await wait_until_async(status, HealthCheckResponse.SERVING)
-            await wait_until(lambda: len(heartbeats) > quiet_from, "heartbeats again")
+            await eventually(lambda: len(heartbeats) > quiet_from, "heartbeats again", TIMEOUT)
         finally:
             watching.cancel()
             await asyncio.gather(watching, return_exceptions=True)
             channel.close()
-
-
-async def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + TIMEOUT
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, f"waited {TIMEOUT} s for {what}"
-        await asyncio.sleep(0.05)
 
 
 async def wait_until_async(current: Callable[[], Awaitable[object]], expected: object) -> None:
