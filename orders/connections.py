@@ -13,6 +13,10 @@ and queues the rest itself. With h2's 100, the watch limit per connection (also 
 be reached: a client with 100 open watches had its next watch, and every unary call on that connection,
 wait in its own queue until their deadlines, instead of the server answering RESOURCE_EXHAUSTED for the
 watch. The setting is therefore the watch limit plus h2's 100 for the other calls.
+
+grpclib hands a call's request headers to its own request handler only, and leaves the ``grpc-*`` ones
+out of the metadata; each call's headers are kept on its HTTP/2 stream here, for :mod:`orders.compression`
+to read ``grpc-encoding``.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from grpclib.protocol import H2Protocol
+from grpclib.protocol import EventsProcessor, H2Protocol
 from grpclib.server import Server
+from h2.events import RequestReceived
 from h2.settings import SettingCodes
 
 OTHER_CALLS_PER_CONNECTION = 100  # concurrent streams a connection gets beyond its watches (h2's default)
@@ -88,6 +93,8 @@ class Connections:
 
         def connection_made(transport: asyncio.BaseTransport) -> None:
             made(CoalescingTransport(transport))  # type: ignore[arg-type]
+            processor = protocol.processor
+            processor.processors[RequestReceived] = lambda event: _accept_keeping_headers(processor, event)
             connection = protocol.connection
             connection._connection.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: self._max_concurrent_streams})
             connection.flush()
@@ -99,3 +106,11 @@ class Connections:
         protocol.connection_made = connection_made  # type: ignore[method-assign]
         protocol.connection_lost = connection_lost  # type: ignore[method-assign]
         return protocol
+
+
+def _accept_keeping_headers(processor: EventsProcessor, event: RequestReceived) -> None:
+    """grpclib's handling of a new call, and then its request headers kept as its stream's ``headers``."""
+    processor.process_request_received(event)
+    stream = processor.streams.get(event.stream_id)
+    if stream is not None:
+        stream.headers = event.headers  # type: ignore[assignment]

@@ -21,13 +21,12 @@ import time
 from typing import Any
 
 from google.protobuf.message import DecodeError
-from grpclib.const import Status
-from grpclib.exceptions import GRPCError
 from grpclib.server import Stream
 
 from orders import domain
 from orders._proto.orders.v1 import CreateOrderRequest, ListOrdersRequest, OrderStatusStreamRequest
 from orders.calls import Call, Release, _protobuf_class
+from orders.compression import decompressed, request_encoding
 from orders.errors import InvalidArgument, ResourceExhausted
 
 WATCH_METHOD = "/orders.v1.OrderService/OrderStatusStream"
@@ -58,9 +57,9 @@ async def recv_limited(stream: Stream[Any, Any], max_bytes: int) -> Any:
     Unlike grpclib, a message cut short by the end of the stream is INVALID_ARGUMENT (grpclib: an
     AssertionError, so INTERNAL), an empty DATA frame is not the end of the stream (grpclib: INTERNAL),
     a unary call without a request message is INVALID_ARGUMENT (grpclib hands the handler None), and a
-    compressed message is UNIMPLEMENTED as the gRPC compression spec asks (grpclib: NotImplementedError,
-    so INTERNAL); the server still accepts no compression. Then the request's repeated fields are
-    counted (see ``_check_counts``) and it is decoded.
+    compressed message is inflated (see :mod:`orders.compression`; grpclib: NotImplementedError, so
+    INTERNAL), within the same limit. Then the request's repeated fields are counted (see
+    ``_check_counts``) and it is decoded.
     """
     h2_stream = stream._stream
     prefix = await _read(h2_stream, _PREFIX.size, end_ok=True)
@@ -69,13 +68,13 @@ async def recv_limited(stream: Stream[Any, Any], max_bytes: int) -> Any:
             raise InvalidArgument("the call ended without a request message")
         return None
     compressed, length = _PREFIX.unpack(prefix)
-    if compressed:
-        raise GRPCError(Status.UNIMPLEMENTED, "compressed request messages are not supported; send them uncompressed")
     if length > max_bytes:
         raise ResourceExhausted(
             f"request message is {length:,} bytes; the limit is {max_bytes:,} (--max-message-bytes)"
         )
     data = await _read(h2_stream, length, end_ok=False)
+    if compressed:
+        data = decompressed(data, request_encoding(h2_stream), max_bytes)
     _check_counts(data, stream._recv_type)
     message = stream._codec.decode(data, stream._recv_type)
     # the rest is what grpclib's Stream.recv_message does after decoding: events and counters

@@ -24,11 +24,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import gzip
 import logging
 import math
 import os
 import struct
 import uuid
+import zlib
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -798,6 +800,7 @@ class RawH2:
         *,
         path: str | None = None,
         headers: Iterable[tuple[str, str]] | None = None,
+        extra_headers: Iterable[tuple[str, str]] = (),
         end: bool = False,
     ) -> int:
         stream_id: int = self.conn.get_next_available_stream_id()
@@ -812,6 +815,7 @@ class RawH2:
                 (":authority", "orders"),
                 ("content-type", "application/grpc"),
                 ("te", "trailers"),
+                *extra_headers,
             ],
             end_stream=end,
         )
@@ -1036,8 +1040,8 @@ STREAM_BODIES = {
     "no message": ([], "INVALID_ARGUMENT"),
     "prefix cut short": ([b"\x00\x00"], "INVALID_ARGUMENT"),
     "message cut short": ([grpc_message(b"\x0a\x03abc")[:-2]], "INVALID_ARGUMENT"),
-    "compressed flag": ([grpc_message(b"", compressed=True)], "UNIMPLEMENTED"),
-    "compressed flag 2": ([b"\x02" + struct.pack(">I", 0)], "UNIMPLEMENTED"),
+    "compressed flag, no grpc-encoding": ([grpc_message(b"", compressed=True)], "INVALID_ARGUMENT"),
+    "compressed flag 2, no grpc-encoding": ([b"\x02" + struct.pack(">I", 0)], "INVALID_ARGUMENT"),
     "prefix in 1-byte frames": ([bytes([b]) for b in grpc_message(b"")], "OK"),
     "message in 1-byte frames": ([bytes([b]) for b in grpc_message(b"\x18\x01\x08\x05")], "OK"),
     "two messages to a unary method": ([grpc_message(b""), grpc_message(b"\x08\x05")], "OK"),
@@ -1063,6 +1067,48 @@ async def test_odd_request_streams(harness: Harness, chunks: list[bytes], expect
         finally:
             raw.close()
         assert CODES_BY_NUMBER.get(answer.get("grpc-status", "")) == expected, answer
+
+
+PAGE_OF_5 = b"\x08\x05"  # ListOrdersRequest(page_size=5)
+NEGATIVE_PAGE = b"\x08" + b"\xff" * 9 + b"\x01"  # ListOrdersRequest(page_size=-1)
+COMPRESSED_BODIES = {  # grpc-encoding, the message (flagged compressed), the status and what its message says
+    "gzip": ("gzip", gzip.compress(PAGE_OF_5), "OK", ""),
+    "deflate": ("deflate", zlib.compress(PAGE_OF_5), "OK", ""),
+    "gzip of nothing": ("gzip", gzip.compress(b""), "OK", ""),
+    "gzip of an invalid request": ("gzip", gzip.compress(NEGATIVE_PAGE), "INVALID_ARGUMENT", "page_size"),
+    "deflate of an invalid request": ("deflate", zlib.compress(NEGATIVE_PAGE), "INVALID_ARGUMENT", "page_size"),
+    "identity": ("identity", PAGE_OF_5, "INVALID_ARGUMENT", "grpc-encoding is identity"),
+    "snappy": ("snappy", PAGE_OF_5, "UNIMPLEMENTED", "'snappy' are not supported; use one of: identity, gzip"),
+    "not gzip": ("gzip", PAGE_OF_5, "INVALID_ARGUMENT", "not valid gzip data"),
+    "gzip cut short": ("gzip", gzip.compress(PAGE_OF_5)[:-3], "INVALID_ARGUMENT", "not valid gzip data"),
+    "bytes after the gzip": ("gzip", gzip.compress(PAGE_OF_5) + PAGE_OF_5, "INVALID_ARGUMENT", "not valid gzip"),
+    "gzip inflating past 4 MiB": (
+        "gzip",
+        gzip.compress(b"\x00" * (5 << 20)),
+        "RESOURCE_EXHAUSTED",
+        "inflates to more than 4,194,304 bytes",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("encoding", "body", "expected", "says"), list(COMPRESSED_BODIES.values()), ids=list(COMPRESSED_BODIES)
+)
+async def test_compressed_request_messages(
+    harness: Harness, encoding: str, body: bytes, expected: str, says: str
+) -> None:
+    """gzip and deflate (what gRPC clients send when told to compress) are inflated, within the size limit."""
+    async with other_clients(harness):
+        raw = await RawH2.open(harness.server.port)
+        try:
+            stream_id = raw.start("ListOrders", extra_headers=[("grpc-encoding", encoding)])
+            raw.conn.send_data(stream_id, grpc_message(body, compressed=True), end_stream=True)
+            await raw.flush()
+            answer = await raw.response(stream_id)
+        finally:
+            raw.close()
+        assert CODES_BY_NUMBER.get(answer.get("grpc-status", "")) == expected, answer
+        assert says in answer.get("grpc-message", ""), answer
 
 
 NOT_GRPC = {  # what grpclib answers before any of our code runs: HTTP errors, or UNIMPLEMENTED for a wrong path

@@ -542,6 +542,27 @@ def test_unknown_fields_are_ignored(channel: grpc.Channel, stub: Any, pb: Simple
     assert created.total_amount == 19.98
 
 
+@pytest.mark.parametrize("compression", [grpc.Compression.Gzip, grpc.Compression.Deflate], ids=["gzip", "deflate"])
+def test_compressed_requests_are_served(stub: Any, pb: SimpleNamespace, compression: grpc.Compression) -> None:
+    """A client told to compress (here per call; also a channel option) sends its messages gzip or deflate."""
+    items = [(f"Spare part {n:03d}, {'very ' * 30}long name", n + 1, 0.25) for n in range(300)]
+    request = pb.pb2.CreateOrderRequest(
+        items=[pb.pb2.OrderItem(product_name=name, quantity=q, price=p) for name, q, p in items]
+    )
+    assert request.ByteSize() > 50_000  # compressed by any client that compresses
+    order = stub.CreateOrder(request, timeout=DEADLINE, compression=compression).order
+    assert [(i.product_name, i.quantity, i.price) for i in order.items] == items
+    assert stub.GetOrder(pb.pb2.GetOrderRequest(id=order.id), timeout=DEADLINE, compression=compression).order == order
+
+    watch = pb.pb2.OrderStatusStreamRequest(order_ids=[order.id] * 2_000, after_sequence=0)
+    call = stub.OrderStatusStream(watch, timeout=DEADLINE, compression=compression)
+    try:
+        created = next(call)
+        assert (created.order_id, created.status) == (order.id, pb.pb2.ORDER_STATUS_PENDING)
+    finally:
+        call.cancel()
+
+
 GARBAGE = {
     "truncated varint": b"\xff\xff\xff\xff",
     "length past the end": b"\x0a\x10abc",
