@@ -56,10 +56,10 @@ async def recv_limited(stream: Stream[Any, Any], max_bytes: int) -> Any:
 
     Unlike grpclib, a message cut short by the end of the stream is INVALID_ARGUMENT (grpclib: an
     AssertionError, so INTERNAL), an empty DATA frame is not the end of the stream (grpclib: INTERNAL),
-    a unary call without a request message is INVALID_ARGUMENT (grpclib hands the handler None), and a
-    compressed message is inflated (see :mod:`orders.compression`; grpclib: NotImplementedError, so
-    INTERNAL), within the same limit. Then the request's repeated fields are counted (see
-    ``_check_counts``) and it is decoded.
+    a unary call without a request message, or with more than one, is INVALID_ARGUMENT (grpclib hands
+    the handler None, or ignores the rest; grpc-java refuses both), and a compressed message is inflated
+    (see :mod:`orders.compression`; grpclib: NotImplementedError, so INTERNAL), within the same limit.
+    Then the request's repeated fields are counted (see ``_check_counts``) and it is decoded.
     """
     h2_stream = stream._stream
     prefix = await _read(h2_stream, _PREFIX.size, end_ok=True)
@@ -75,6 +75,8 @@ async def recv_limited(stream: Stream[Any, Any], max_bytes: int) -> Any:
     data = await _read(h2_stream, length, end_ok=False)
     if compressed:
         data = decompressed(data, request_encoding(h2_stream), max_bytes)
+    if not stream._cardinality.client_streaming and await _read(h2_stream, 1, end_ok=True):
+        raise InvalidArgument("a call of this method carries one request message; this one carried more")
     _check_counts(data, stream._recv_type)
     message = stream._codec.decode(data, stream._recv_type)
     # the rest is what grpclib's Stream.recv_message does after decoding: events and counters
