@@ -136,6 +136,14 @@ class StatusEvent(NamedTuple):
 # --- money -------------------------------------------------------------------------------------
 
 
+# What a whole number of cents may be off by on the wire: float noise, as a client's arithmetic leaves it
+# (a sum of a thousand items' prices is off by ~1e-13 relative at worst), but never a real fraction of a
+# cent: 1e-9 relative, as first agreed, took 500000.0004 for 500000.00. Two ULPs cover the rounding of
+# `* 100` where a double cannot hold a hundredth of a cent (above 10^11 units).
+FLOAT_NOISE = 1e-12  # relative
+MAX_NOISE_CENTS = 0.01
+
+
 def to_cents(amount: float, what: str) -> int:
     """Convert a wire amount in currency units to exact integer cents, or raise InvalidArgument."""
     if not math.isfinite(amount):
@@ -144,9 +152,7 @@ def to_cents(amount: float, what: str) -> int:
         raise InvalidArgument(f"{what} must not be negative, got {amount!r}")
     scaled = amount * CENTS_PER_UNIT
     cents = round(scaled)
-    # Float noise (1e-9 relative, as agreed), but never so loose that a real fraction of a cent
-    # (say 0.3 cents on a large amount) is rounded away; two ULPs cover the rounding of `* 100`.
-    tolerance = max(min(1e-9 * max(1.0, abs(scaled)), 0.05), 2 * math.ulp(scaled))
+    tolerance = max(min(FLOAT_NOISE * max(1.0, scaled), MAX_NOISE_CENTS), 2 * math.ulp(scaled))
     if abs(scaled - cents) > tolerance:
         raise InvalidArgument(f"{what} must be a whole number of cents, got {amount!r}")
     return int(cents)

@@ -105,6 +105,10 @@ def test_to_cents_accepts_whole_cents(amount: float, cents: int) -> None:
         (19.999, "whole number of cents"),
         (0.005, "whole number of cents"),
         (123456789.123, "whole number of cents"),  # a third of a cent is not float noise, however large
+        (500_000.0004, "whole number of cents"),  # nor 0.04 cent, 8e-10 of the amount
+        (1_000_000.0004, "whole number of cents"),
+        (100_000_000_000.0004, "whole number of cents"),
+        (1e-11, "whole number of cents"),
         (999999999999.997, "whole number of cents"),
         (math.nan, "finite"),
         (math.inf, "finite"),
@@ -129,6 +133,21 @@ def test_whole_cents_round_trip_exactly(cents: int) -> None:
     assert units == float(f"{cents // 100}.{cents % 100:02d}")
     # ...and converts back to exactly the same cents
     assert domain.to_cents(units, "price") == cents
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(1, 1000), st.integers(0, 10**6)),  # quantity, price in cents: totals to $10^10
+        min_size=1,
+        max_size=domain.MAX_ITEMS,
+    )
+)
+def test_a_total_summed_in_floats_by_a_client_is_whole_cents(items: list[tuple[int, int]]) -> None:
+    """The float noise a client's own arithmetic leaves in a total is not taken for a fraction of a cent."""
+    total = 0.0
+    for quantity, cents in items:
+        total += quantity * domain.to_units(cents)
+    assert domain.to_cents(total, "total_amount") == sum(quantity * cents for quantity, cents in items)
 
 
 def test_to_units() -> None:
