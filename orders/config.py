@@ -116,7 +116,7 @@ def _port_range(name: str, first: int, count: int = 1) -> None:
 class ServerConfig:
     """Everything ``orders serve`` can be told."""
 
-    host: str = _option("127.0.0.1", "address to bind; 0.0.0.0 or :: to serve a network")
+    host: str = _option("127.0.0.1", "address to bind; 0.0.0.0 (IPv4) or :: (IPv6 and IPv4) to serve a network")
     port: int = _option(50051, "port; 0 picks a free one")
     db: str = _option(
         DEFAULT_DB_URL, "database URL: sqlite:///path/to/file.db or postgresql://user@host:port/dbname", shown=redacted

@@ -12,6 +12,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable, Sequence
 
@@ -44,6 +45,7 @@ LINGER = 0.2  # seconds a drained server keeps refusing calls before it closes t
 # often: one indexed read of the log's tail.
 POLL_INTERVAL = 0.25
 SQLITE_SIBLING_POLL_INTERVAL = 0.02
+LISTEN_BACKLOG = 100  # connections waiting to be accepted (grpclib's default)
 GC_YOUNG_THRESHOLD = 7_000  # allocations between collections of the youngest generation (Python's default: 700)
 
 # Reflection serves our own descriptors plus grpc.health.v1 and itself, so grpcurl needs no proto files.
@@ -51,6 +53,16 @@ _DESCRIPTORS = default_google_proto_descriptor_pool
 for _module in (health_pb2, reflection_v1_pb2, reflection_v1alpha_pb2):
     _DESCRIPTORS.AddSerializedFile(_module.DESCRIPTOR.serialized_pb)
 _REFLECTION_SERVICES = ("grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection")
+
+
+def _dual_stack_socket(host: str, port: int, reuse_port: bool) -> socket.socket | None:
+    """For ``::``, a listening socket that takes IPv4 clients too, as gRPC's ``[::]`` does (asyncio would
+    make it IPv6-only); None for any other host, or where the system has no dual-stack sockets."""
+    if host != "::" or not socket.has_dualstack_ipv6():
+        return None
+    return socket.create_server(
+        (host, port), family=socket.AF_INET6, backlog=LISTEN_BACKLOG, reuse_port=reuse_port, dualstack_ipv6=True
+    )
 
 
 class OrderServer:
@@ -111,8 +123,13 @@ class OrderServer:
                 except OSError as exc:  # say which port: --port is the one anybody would suspect
                     raise OSError(exc.errno, f"--metrics-port {self.config.metrics_port}: {exc.strerror}") from exc
             # With --workers, every worker listens on the same port and the kernel spreads connections.
-            reuse_port = self.config.workers > 1 or None
-            await self._server.start(self.config.host, self.config.port, ssl=self._ssl, reuse_port=reuse_port)
+            reuse_port = self.config.workers > 1
+            sock = _dual_stack_socket(self.config.host, self.config.port, reuse_port)
+            if sock is not None:
+                await self._server.start(sock=sock, ssl=self._ssl)
+            else:
+                host, port = self.config.host, self.config.port
+                await self._server.start(host, port, ssl=self._ssl, reuse_port=reuse_port or None)
         except OSError:
             await self.feed.close()
             if self._commit_listener is not None:

@@ -1,13 +1,17 @@
-"""``orders.server.serve``, the loop of ``orders serve``: what it sets up before it says it has started."""
+"""``orders.server.serve``, the loop of ``orders serve``: what it sets up before it says it has started, and
+where it listens."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
 import signal
+from pathlib import Path
 
 import pytest
+from server_process import ServerProcess
 
+from orders import OrderClient, RetryPolicy
 from orders.config import ServerConfig
 from orders.server import GC_YOUNG_THRESHOLD, serve
 
@@ -36,3 +40,18 @@ async def test_startup_objects_are_frozen_and_young_garbage_is_collected_less_of
     assert seen["port"] > 0
     assert seen["frozen"] > 10_000  # modules, descriptors, ...: everything start-up made
     assert seen["young"] == GC_YOUNG_THRESHOLD
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_host_ipv6_any_serves_ipv4_clients_too(tmp_path: Path, database_url: str, workers: str) -> None:
+    """``--host ::`` listens on every address of both families, as gRPC's ``[::]`` does (asyncio alone
+    would make the socket IPv6-only, and IPv4 clients would be refused)."""
+    server = ServerProcess(tmp_path, database_url, args=["--host", "::", "--workers", workers])
+    await server.start()
+    try:
+        async with OrderClient(f"127.0.0.1:{server.port}", retry=RetryPolicy(attempts=1)) as ipv4:
+            order = await ipv4.create([("Lamp", 1, 9.99)])
+        async with OrderClient(f"[::1]:{server.port}", retry=RetryPolicy(attempts=1)) as ipv6:
+            assert await ipv6.get(order.id) == order
+    finally:
+        assert await server.stop() == 0
