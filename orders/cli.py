@@ -471,11 +471,16 @@ async def demo(args: argparse.Namespace) -> None:
 
 def embedded_plaintext(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
     """``args`` for the demo: without ``--target`` its embedded server serves plaintext, so ``--ca-file`` and
-    ``--tls`` are usage errors, and ``ORDERS_CA_FILE`` (meant for remote servers) is left aside."""
+    ``--tls`` are usage errors, and ``ORDERS_CA_FILE`` (meant for remote servers) is left aside unread; with
+    ``--target``, ``ORDERS_CA_FILE`` counts as for every client command."""
     if args.target is None:
-        if args.tls or (args.ca_file and args.ca_file != os.environ.get("ORDERS_CA_FILE")):
+        if args.tls or args.ca_file:
             parser.error("--ca-file and --tls need --target: the embedded server serves plaintext")
-        args.ca_file = None
+    elif args.ca_file is None and (from_environment := os.environ.get("ORDERS_CA_FILE")):
+        try:
+            args.ca_file = ca_file_arg(from_environment)
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"argument --ca-file: {exc}")
     return args
 
 
@@ -513,8 +518,9 @@ def client_options() -> argparse.ArgumentParser:
     return parent
 
 
-def add_security_options(parser: argparse.ArgumentParser) -> None:
-    """``--token``, ``--ca-file`` and ``--tls``, with their environment twins."""
+def add_security_options(parser: argparse.ArgumentParser, *, ca_file_from_environment: bool = True) -> None:
+    """``--token``, ``--ca-file`` and ``--tls``, with their environment twins (``ORDERS_CA_FILE`` only if
+    ``ca_file_from_environment``)."""
     # argparse runs ``type`` on a string default too, so a bad ORDERS_* value is a usage error like a bad flag.
     parser.add_argument(
         "--token",
@@ -525,7 +531,7 @@ def add_security_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ca-file",
         type=ca_file_arg,
-        default=os.environ.get("ORDERS_CA_FILE") or None,
+        default=(os.environ.get("ORDERS_CA_FILE") or None) if ca_file_from_environment else None,
         metavar="PEM",
         help="use TLS and trust the server's certificate if this CA signed it (ORDERS_CA_FILE)",
     )
@@ -564,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument(
         "--timeout", type=positive_float, default=10.0, help="seconds per call (default %(default)s)"
     )
-    add_security_options(demo_parser)
+    add_security_options(demo_parser, ca_file_from_environment=False)  # see embedded_plaintext
     demo_parser.set_defaults(run=lambda args: asyncio.run(demo(embedded_plaintext(args, demo_parser))))
 
     create = client_command("create", cmd_create, "create an order")

@@ -557,12 +557,22 @@ def test_watch_without_reconnecting_still_moves_on_from_a_refused_target(target:
     assert [u["orderId"] for u in updates] == [created["id"]]
 
 
-def test_demo_leaves_orders_ca_file_to_remote_servers(tmp_path: Path) -> None:
-    """ORDERS_CA_FILE set for the user's real servers must not stop the embedded demo."""
-    ca = trustme.CA()
-    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+@pytest.mark.parametrize("readable", [True, False], ids=["a CA file", "a path that is not there"])
+def test_demo_leaves_orders_ca_file_to_remote_servers(tmp_path: Path, readable: bool) -> None:
+    """ORDERS_CA_FILE set for the user's real servers must not stop the embedded demo, nor be read by it."""
+    if readable:
+        trustme.CA().cert_pem.write_to_path(str(tmp_path / "ca.pem"))
     result = orders("demo", env={**os.environ, "ORDERS_CA_FILE": str(tmp_path / "ca.pem")})
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.database_free
+def test_demo_with_a_target_reads_orders_ca_file(tmp_path: Path) -> None:
+    result = orders(
+        "demo", "--target", f"127.0.0.1:{free_port()}", env={**os.environ, "ORDERS_CA_FILE": str(tmp_path / "no.pem")}
+    )
+    assert result.returncode == 2, result.stderr
+    assert "argument --ca-file: cannot read the CA file" in result.stderr
 
 
 @pytest.mark.database_free
