@@ -98,7 +98,7 @@ def parse_args(argv: Sequence[str] | None, prog: str = "python -m bench") -> arg
         "--reference",
         action="store_true",
         help="also run each unary scenario against bench.reference, a straightforward grpcio + sqlite3 server "
-        "of the same contract, in as many rounds, and report the orders server's throughput over its",
+        "of the same contract, in as many rounds, and report the orders server's throughput over the reference's",
     )
     add("--scale", action="store_true", help="also run the scale scenario (get and list, small vs large database)")
     add("--scale-orders", type=int, default=1_000_000, help="scale: orders in the large database (default: 1000000)")

@@ -127,7 +127,9 @@ class ServerConfig:
     token: str | None = _option(
         None, "bearer token for every RPC but health (off when unset)", parse=_token, secret=True
     )
-    tls_cert: str | None = _option(None, "PEM certificate chain to serve TLS with", parse=_optional_str)
+    tls_cert: str | None = _option(
+        None, "PEM certificate chain to serve TLS with (plaintext when unset)", parse=_optional_str
+    )
     tls_key: str | None = _option(None, "PEM private key of --tls-cert", parse=_optional_str)
     metrics_port: int | None = _option(
         None,
@@ -172,7 +174,8 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     for option in dataclasses.fields(ServerConfig):
         env = f"ORDERS_{option.name.upper()}"
         default = os.environ.get(env, option.default)
-        shown = "" if option.metadata["secret"] else f"; default: {option.metadata['shown'](default)}"
+        hidden = option.metadata["secret"] or default is None  # a secret, or unset: the help says what that means
+        shown = "" if hidden else f"; default: {option.metadata['shown'](default)}"
         parser.add_argument(
             f"--{option.name.replace('_', '-')}",
             type=option.metadata["parse"] or type(option.default),
