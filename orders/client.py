@@ -36,6 +36,7 @@ refuses new calls (:class:`RuntimeError`), and its open watches end.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -43,12 +44,13 @@ import random
 import re
 import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 from grpclib.client import Channel
 from grpclib.config import Configuration
+from grpclib.const import Cardinality
 from grpclib.events import SendRequest, listen
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from grpclib.metadata import Deadline
@@ -76,6 +78,7 @@ from orders.auth import add_token, check_token, client_ssl_context, is_loopback,
 from orders.domain import new_id
 from orders.errors import DeadlineExceeded, Internal, OrderError, Unavailable, error_for
 from orders.request_checks import check_request
+from orders.wire import WATCH_METHOD
 
 R = TypeVar("R")
 
@@ -102,6 +105,14 @@ class RetryPolicy:
     attempts: int = 4
     initial_backoff: float = 0.05
     max_backoff: float = 2.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int):
+            raise TypeError(f"attempts must be an int, not {type(self.attempts).__name__}")
+        if self.attempts < 1:
+            raise ValueError(f"attempts must be 1 or more (1: no retries), not {self.attempts}")
+        _check_seconds(self.initial_backoff, "initial_backoff", zero=True)
+        _check_seconds(self.max_backoff, "max_backoff", zero=True)
 
     def delay(self, attempt: int) -> float:
         """Full-jitter exponential backoff before retry number ``attempt`` (1-based)."""
@@ -132,7 +143,7 @@ def parse_targets(targets: str | Sequence[str]) -> tuple[str, ...]:
     return cleaned
 
 
-def _as_error(exc: BaseException, *, plaintext: bool) -> OrderError:
+def _as_error(exc: BaseException, *, tls_hint: bool) -> OrderError:
     if isinstance(exc, GRPCError):
         return error_for(exc.status.name, exc.message or exc.status.name)
     if isinstance(exc, asyncio.TimeoutError):  # grpclib's client-side deadline (an OSError on 3.11+)
@@ -144,10 +155,17 @@ def _as_error(exc: BaseException, *, plaintext: bool) -> OrderError:
         )
     if isinstance(exc, _MALFORMED_REPLY):
         return Internal(f"the server's reply broke the gRPC protocol: {exc}")
-    if plaintext and isinstance(exc, StreamTerminatedError) and str(exc) == _CONNECTION_LOST:
-        # Also what a TLS server does with a plaintext client: it drops the connection without a word.
-        return Unavailable(f"cannot reach the server: {exc} (if the server serves TLS, connect with TLS)")
+    if isinstance(exc, StreamTerminatedError) and str(exc) == _CONNECTION_LOST:
+        if tls_hint:  # what a TLS server does with a plaintext client: it drops the connection without a word
+            return Unavailable(f"cannot reach the server: {exc} (if the server serves TLS, connect with TLS)")
+        return Unavailable(f"the connection to the server was lost mid-call ({exc}); it may or may not have had effect")
     return Unavailable(f"cannot reach the server: {exc}")
+
+
+def _heard_from(channel: Channel) -> bool:
+    """Whether anything ever arrived on the channel's latest connection (noted by orders._grpclib_fixes)."""
+    connection = getattr(getattr(channel, "_protocol", None), "connection", None)
+    return getattr(connection, "_orders_last_received", None) is not None
 
 
 def _is_retryable(error: OrderError, exc: BaseException) -> bool:
@@ -162,14 +180,18 @@ def _check_timeout(timeout: float | None) -> None:
     _check_seconds(timeout, "timeout", none_means="no deadline", zero=True)
 
 
-def _check_seconds(seconds: float | None, name: str, *, none_means: str, zero: bool) -> None:
-    if seconds is None:
+def _check_seconds(seconds: float | None, name: str, *, zero: bool, none_means: str | None = None) -> None:
+    """TypeError or ValueError unless ``seconds`` is a finite number of seconds (> 0, or ≥ 0 if ``zero``),
+    or None where ``none_means`` says what None does."""
+    if seconds is None and none_means is not None:
         return
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds or None, not {type(seconds).__name__}")
+        allowed = "a number of seconds" if none_means is None else "a number of seconds or None"
+        raise TypeError(f"{name} must be {allowed}, not {type(seconds).__name__}")
     if not (math.isfinite(seconds) and (seconds >= 0 if zero else seconds > 0)):
         least = "0 or more" if zero else "more than 0"
-        raise ValueError(f"{name} must be {least} seconds (None: {none_means}), not {seconds}")
+        none = "" if none_means is None else f" (None: {none_means})"
+        raise ValueError(f"{name} must be {least} seconds{none}, not {seconds}")
 
 
 def _keepalive_config(silence: float | None) -> Configuration | None:
@@ -271,6 +293,10 @@ class OrderClient:
         self.targets = parse_targets(target)
         _check_timeout(timeout)
         _check_seconds(keepalive, "keepalive", none_means="no pings", zero=False)
+        if not isinstance(retry, RetryPolicy):
+            raise TypeError(f"retry must be a RetryPolicy, not {type(retry).__name__}")
+        if not isinstance(tls, (bool, ssl.SSLContext)):
+            raise TypeError(f"tls must be True, False or an ssl.SSLContext, not {type(tls).__name__}")
         self.timeout = timeout
         self.retry = retry
         self.keepalive = keepalive
@@ -297,6 +323,7 @@ class OrderClient:
         self._stubs_of_loop: tuple[OrderServiceStub, ...] = ()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._closing = asyncio.Event()  # set by close(): wakes calls and watches pausing before a retry
         self._current = 0  # index of the target calls go to now
 
     @property
@@ -339,10 +366,23 @@ class OrderClient:
 
     def close(self) -> None:
         """Close every target's connection: calls in flight fail, open watches end, and new calls raise
-        :class:`RuntimeError`. Closing again does nothing."""
+        :class:`RuntimeError`. Closing again does nothing.
+
+        Close the client before its event loop ends (``async with`` does): once the loop is closed, asyncio
+        can no longer close the connections; they are then left to the garbage collector, which warns.
+        """
         self._closed = True
+        if self._loop is not None and self._loop.is_closed():
+            return
+        self._closing.set()
         for channel in self._channels:
             channel.close()
+
+    async def _pause_unless_closed(self, seconds: float) -> None:
+        """Wait ``seconds`` before a retry, or until the client is closed."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._closing.wait()
 
     # --- unary calls -----------------------------------------------------------------------------
 
@@ -359,6 +399,8 @@ class OrderClient:
 
         ``request_id`` is the idempotency key: the same key and request return the original order. The
         default is a fresh version-7 UUID: time-ordered, so the server's index of keys grows at its end.
+        The client's own retries reuse it; to retry yourself after an error (``DeadlineExceeded``, say),
+        pass a key of your own and reuse it.
         """
         request = CreateOrderRequest(
             items=[_order_item(item) for item in items],
@@ -442,7 +484,9 @@ class OrderClient:
                 delay = self._pause(attempt)
                 if not retryable or (deadline is not None and deadline.time_remaining() <= delay + MIN_ATTEMPT_SECONDS):
                     raise error from exc
-                await asyncio.sleep(delay)
+                await self._pause_unless_closed(delay)
+                if self._closed:
+                    raise Unavailable("the client was closed while the call was waiting to retry") from exc
                 if deadline is not None and deadline.time_remaining() <= 0:  # the pause overran (a loaded machine)
                     raise error from exc  # what kept the call from succeeding, not an attempt without time
         raise AssertionError("unreachable")
@@ -452,7 +496,7 @@ class OrderClient:
         the next target (unless a concurrent call has already moved the client on)."""
         if self._closed and not isinstance(exc, GRPCError):
             return Unavailable("the client was closed while the call was in flight")
-        error = error or _as_error(exc, plaintext=not self.tls)
+        error = error or _as_error(exc, tls_hint=not self.tls and not _heard_from(self._channels[index]))
         if isinstance(error, Unavailable) and self._current == index and len(self.targets) > 1:
             self._current = (index + 1) % len(self.targets)
             log.info("%s is unavailable (%s); moving on to %s", self.targets[index], error, self.target)
@@ -495,6 +539,9 @@ class OrderClient:
         would otherwise overtake a cursor taken from their last update (OUT_OF_RANGE on resuming). The first
         heartbeat also tells that the server has registered the watch: every change from then on will come.
         """
+        if isinstance(order_ids, str):
+            raise TypeError("order_ids must be an iterable of order ids, not a str: watch([order_id]) for one order")
+        _check_seconds(give_up_after, "give_up_after", none_means="keep trying", zero=True)
         ids = list(order_ids)
         cursor = after_sequence
 
@@ -509,13 +556,21 @@ class OrderClient:
         failures = 0
         while not self._closed:
             index = self._current
-            stream = self._stubs[index].order_status_stream(request())
+            channel = self._stubs[index].channel
             try:
-                async for update in _heard_within(stream, silence_limit):
-                    failures, failing_since = 0, None
-                    cursor = update.sequence
-                    if update.order_id or heartbeats:
-                        yield update
+                # grpclib's own call rather than the generated stub's generator, which leaves the call it wraps
+                # to the garbage collector: leaving this block (the watch closed, or a break) resets the stream
+                # at once, so the server's watch slot is free before the caller makes its next call.
+                async with channel.request(
+                    WATCH_METHOD, Cardinality.UNARY_STREAM, OrderStatusStreamRequest, StatusUpdate
+                ) as call:
+                    await call.send_message(request(), end=True)
+                    async with contextlib.aclosing(_heard_within(call, silence_limit)) as updates:
+                        async for update in updates:
+                            failures, failing_since = 0, None
+                            cursor = update.sequence
+                            if update.order_id or heartbeats:
+                                yield update
             except (_Silence, *_TRANSPORT_ERRORS) as exc:
                 lost = None
                 if isinstance(exc, _Silence):  # a dead connection: the next call on this target opens a new one
@@ -532,7 +587,10 @@ class OrderClient:
                     raise error from exc
                 failures += 1
                 log.info("watch on %s interrupted (%s); resuming after sequence %s", self.targets[index], error, cursor)
-                await asyncio.sleep(self._pause(failures))
+                pause = self._pause(failures)
+                if give_up_after is not None:  # one more attempt at the end, not a pause past it
+                    pause = min(pause, max(0.0, failing_since + give_up_after - now))
+                await self._pause_unless_closed(pause)
             else:
                 if not reconnect:
                     return
@@ -542,7 +600,7 @@ class _Silence(Exception):
     """A stream heard nothing, not even a heartbeat, for longer than its limit."""
 
 
-async def _heard_within(stream: AsyncIterator[R], limit: float | None) -> AsyncIterator[R]:
+async def _heard_within(stream: AsyncIterator[R], limit: float | None) -> AsyncGenerator[R, None]:
     """``stream``'s messages, raising _Silence once ``limit`` seconds pass without one (None: no limit).
 
     Each wait has its own timeout: the caller may take the messages from different tasks (``wait_for``

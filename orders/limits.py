@@ -28,8 +28,8 @@ from orders._proto.orders.v1 import CreateOrderRequest, ListOrdersRequest, Order
 from orders.calls import Call, Release, _protobuf_class
 from orders.compression import decompressed, request_encoding
 from orders.errors import InvalidArgument, ResourceExhausted
+from orders.wire import WATCH_METHOD
 
-WATCH_METHOD = "/orders.v1.OrderService/OrderStatusStream"
 _PREFIX = struct.Struct(">?I")  # gRPC length-prefixed message: compressed flag, big-endian length
 
 

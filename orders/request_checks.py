@@ -62,6 +62,10 @@ def _check_value(proto_type: str, value: Any, name: str) -> None:
     elif proto_type == betterproto2.TYPE_DOUBLE:
         if isinstance(value, bool) or not isinstance(value, (numbers.Real, decimal.Decimal)):
             raise TypeError(f"{name} must be a number, not {type(value).__name__}")
+        try:
+            float(value)
+        except (ArithmeticError, ValueError):  # too large for a double (OverflowError), a signalling NaN
+            raise InvalidArgument(f"{name} cannot be sent as a double, got {value!r}") from None
     elif proto_type == betterproto2.TYPE_STRING:
         if not isinstance(value, str):
             raise TypeError(f"{name} must be a str, not {type(value).__name__}")

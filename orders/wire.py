@@ -23,6 +23,8 @@ from orders import domain
 from orders._proto.orders.v1 import Order, StatusUpdate
 from orders.domain import to_units
 
+WATCH_METHOD = "/orders.v1.OrderService/OrderStatusStream"  # the streaming RPC's path
+
 
 class EncodedReply(bytes):
     """A reply message already encoded: the codec sends these bytes as they are."""

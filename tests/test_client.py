@@ -385,13 +385,18 @@ class FreezingProxy:
     async def __aexit__(self, *exc_info: object) -> None:
         assert self._server is not None
         self._server.close()
-        for connection in self._connections:
-            connection.cancel()
-        await asyncio.gather(*self._connections, return_exceptions=True)
+        await self.drop()
 
     def freeze(self) -> None:
         for frozen in self._frozen:
             frozen.set()
+
+    async def drop(self) -> None:
+        """Close the connections open now, both ways (a proxy or a server that crashed)."""
+        for connection in self._connections:
+            connection.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+        self._connections.clear()
 
     async def _connect(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         self._connections.add(asyncio.current_task())  # type: ignore[arg-type]
@@ -491,6 +496,26 @@ async def test_a_server_that_hangs_in_the_middle_of_a_long_call_is_noticed_too(d
                 assert time.monotonic() - frozen_at < 2.5
 
 
+async def test_a_call_whose_connection_is_lost_midway_may_have_taken_effect_and_gets_no_tls_hint(database_url):
+    """The TLS hint is for a connection dropped before the server said anything (what a TLS server does with
+    plaintext); a call lost on a connection that had carried replies may have reached the server."""
+    async with running_server(database_url) as server:
+        proxy = FreezingProxy(server.port)
+        async with proxy as target, OrderClient(target, retry=RetryPolicy(attempts=1)) as client:
+            order = await client.create([Item("Book", 1, 10.0)])
+            with write_lock(database_url):  # the change waits for the lock: the call is under way
+                changing = asyncio.ensure_future(
+                    client.update_status(order.id, OrderStatus.CONFIRMED, expected_version=order.version)
+                )
+                await asyncio.sleep(0.5)
+                assert not changing.done()
+                await proxy.drop()
+                with pytest.raises(Unavailable) as lost:
+                    await asyncio.wait_for(changing, 10)
+    assert "lost mid-call (Connection lost); it may or may not have had effect" in lost.value.message
+    assert "TLS" not in lost.value.message
+
+
 async def test_a_call_not_safe_to_repeat_fails_with_unavailable_naming_the_unanswered_ping(server, no_gc):
     proxy = FreezingProxy(server.port)
     async with proxy as hung, OrderClient(hung, keepalive=0.5, timeout=10) as client:
@@ -539,6 +564,12 @@ def refusals(client: OrderClient, order_id: str) -> list[tuple[type[Exception], 
         (TypeError, "status", lambda: client.update_status(order_id, "CONFIRMED")),  # type: ignore[arg-type]
         (TypeError, "id", lambda: client.get(uuid.UUID(order_id))),  # type: ignore[arg-type]
         (TypeError, "heartbeat_seconds", lambda: first_update_of(client.watch(heartbeat_seconds=True))),
+        (InvalidArgument, "items[0].price", lambda: client.create([Item("Lamp", 1, 10**400)])),  # no double
+        (InvalidArgument, "total_amount", lambda: client.create([Item("Lamp", 1, 1.0)], total_amount=-(10**400))),
+        (InvalidArgument, "items[0].price", lambda: client.create([Item("Lamp", 1, decimal.Decimal("sNaN"))])),
+        (TypeError, "not a str", lambda: first_update_of(client.watch(order_id))),  # not 36 one-character ids
+        (TypeError, "give_up_after", lambda: first_update_of(client.watch(give_up_after="60"))),  # type: ignore[arg-type]
+        (ValueError, "give_up_after", lambda: first_update_of(client.watch(give_up_after=-1))),
     ]
 
 
@@ -574,6 +605,74 @@ async def test_a_timeout_of_zero_fails_at_once_and_a_meaningless_one_up_front():
             OrderClient("127.0.0.1:1", keepalive=keepalive)
     with pytest.raises(TypeError, match="keepalive"):
         OrderClient("127.0.0.1:1", keepalive="2")  # type: ignore[arg-type]
+
+
+@pytest.mark.database_free
+def test_retry_and_tls_options_are_checked_when_the_client_is_made():
+    with pytest.raises(TypeError, match="retry must be a RetryPolicy"):
+        OrderClient("127.0.0.1:1", retry=None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="tls must be"):
+        OrderClient("127.0.0.1:1", tls="yes")  # type: ignore[arg-type]
+    for attempts, error in ((0, ValueError), (-1, ValueError), (2.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="attempts"):
+            RetryPolicy(attempts=attempts)  # type: ignore[arg-type]
+    for backoff in (-0.1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="initial_backoff"):
+            RetryPolicy(initial_backoff=backoff)
+        with pytest.raises(ValueError, match="max_backoff"):
+            RetryPolicy(max_backoff=backoff)
+
+
+class _SteadyRetry(RetryPolicy):
+    """Retries after a fixed pause (RetryPolicy's is random)."""
+
+    def delay(self, attempt: int) -> float:
+        return 5.0
+
+
+@pytest.mark.database_free
+async def test_closing_the_client_during_a_retry_pause_fails_the_call_with_unavailable():
+    async with OrderClient(f"127.0.0.1:{free_port()}", retry=_SteadyRetry(attempts=3)) as client:  # refused
+        call = asyncio.create_task(client.get(str(uuid.uuid4())))
+        await asyncio.sleep(0.3)  # the first attempt is refused at once; then the 5 s pause
+        assert not call.done()
+        client.close()
+        with pytest.raises(Unavailable, match="closed"):
+            await asyncio.wait_for(call, 2)
+
+
+async def test_closing_a_watch_frees_its_slot_on_the_server_before_the_close_returns():
+    async with (
+        running_server(max_streams_per_connection=2) as server,
+        OrderClient(f"127.0.0.1:{server.port}") as client,
+    ):
+        order = await client.create([Item("Lamp", 1, 9.99)])
+        watches = [client.watch([order.id], after_sequence=0) for _ in range(2)]  # one connection: its limit
+        for watch in watches:
+            assert (await anext(watch)).order_id == order.id
+        for _ in range(20):
+            await watches[0].aclose()
+            watches[0] = client.watch([order.id], after_sequence=0)  # at once: no pause for the slot to free up
+            assert (await anext(watches[0])).order_id == order.id
+        for watch in watches:
+            await watch.aclose()
+
+
+@pytest.mark.database_free
+def test_a_client_closed_after_its_event_loop_ended_does_not_raise():
+    """A client may be made outside an event loop; closing it after ``asyncio.run`` returned is harmless."""
+    with socket.socket() as silent:  # accepts connections (the kernel does), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        client = OrderClient(f"127.0.0.1:{silent.getsockname()[1]}", keepalive=None)
+
+        async def call() -> None:
+            with pytest.raises(DeadlineExceeded):
+                await client.get(str(uuid.uuid4()), timeout=0.2)
+
+        asyncio.run(call())  # its connection stays open
+        client.close()
+        assert client.closed
 
 
 async def test_closing_ends_watches_fails_calls_in_flight_and_refuses_new_ones(server):
