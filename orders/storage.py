@@ -46,9 +46,17 @@ POSTGRES_CONNECT_TIMEOUT = 5  # seconds; a URL may set its own ``connect_timeout
 # a transaction the database ends its session instead (no write of ours pauses for more than milliseconds).
 # Half a client's default deadline (10 s): the writes waiting behind it still finish within theirs.
 POSTGRES_IDLE_IN_TRANSACTION_MS = 5_000
-# TCP keepalives (libpq's, so a URL may set its own): a database server that vanished without closing the
-# connection is noticed within about half a minute, instead of a read waiting for hours.
-POSTGRES_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+# TCP keepalives and a user timeout (libpq's, so a URL may set its own): a database server that vanished
+# without closing the connection (a crash of its machine, a network cut) is noticed within about half a
+# minute while the connection is idle, and within 15 s of a statement sent and not acknowledged, instead of
+# the kernel retransmitting it for a quarter of an hour; the replica then says NOT_SERVING and fails fast.
+POSTGRES_KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 15_000,  # ms
+}
 SQLITE_PRAGMAS = {
     "journal_mode": "wal",
     "synchronous": "full",

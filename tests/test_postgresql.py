@@ -136,6 +136,19 @@ async def test_the_server_recovers_when_postgresql_drops_its_connections(databas
         watching.cancel()
 
 
+def test_connections_notice_a_vanished_database_server_unless_the_url_says_otherwise(database_url: str) -> None:
+    """TCP keepalives and a user timeout on every connection; a URL's own values win."""
+    for url, user_timeout in ((database_url, "15000"), (f"{database_url}?tcp_user_timeout=3000", "3000")):
+        database = open_database(url)
+        try:
+            database.connect()
+            settings = database.connection().info.get_parameters()
+        finally:
+            database.close()
+        assert settings["keepalives"] == "1" and settings["keepalives_idle"] == "10", settings
+        assert settings["tcp_user_timeout"] == user_timeout, settings
+
+
 def test_an_unreachable_postgresql_is_a_one_line_startup_error() -> None:
     url = f"postgresql://postgres:secret@127.0.0.1:{free_port()}/orders"
     result = subprocess.run(
