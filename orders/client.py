@@ -400,15 +400,21 @@ class OrderClient:
         ``request_id`` is the idempotency key: the same key and request return the original order. The
         default is a fresh version-7 UUID: time-ordered, so the server's index of keys grows at its end.
         The client's own retries reuse it; to retry yourself after an error (``DeadlineExceeded``, say),
-        pass a key of your own and reuse it.
+        pass the error's ``request_id``.
         """
+        key = request_id or new_id()
         request = CreateOrderRequest(
             items=[_order_item(item) for item in items],
             total_amount=total_amount,
             currency_code=currency_code,
-            request_id=request_id or new_id(),
+            request_id=key,
         )
-        return _the_order(await self._unary(lambda stub: stub.create_order, request, timeout, retry=True))
+        try:
+            response = await self._unary(lambda stub: stub.create_order, request, timeout, retry=True)
+        except OrderError as error:
+            error.request_id = key
+            raise
+        return _the_order(response)
 
     async def get(self, order_id: str, *, timeout: float | None = None) -> Order:
         """The order with this id."""

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 
 class OrderError(Exception):
-    """Base of every error the service reports; ``code`` is the gRPC status name."""
+    """Base of every error the service reports; ``code`` is the gRPC status name.
+
+    ``request_id``: on an error of :meth:`orders.client.OrderClient.create`, the idempotency key it sent;
+    creating again with it cannot make a second order, whatever became of the first attempt.
+    """
 
     code = "UNKNOWN"
+    request_id: str | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

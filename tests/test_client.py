@@ -516,6 +516,24 @@ async def test_a_call_whose_connection_is_lost_midway_may_have_taken_effect_and_
     assert "TLS" not in lost.value.message
 
 
+async def test_a_create_that_failed_carries_its_request_id_so_retrying_it_makes_no_second_order(database_url):
+    async with running_server(database_url) as server, OrderClient(f"127.0.0.1:{server.port}") as client:
+        with write_lock(database_url) as release:  # the create reaches the server and waits there
+            with pytest.raises(DeadlineExceeded) as failed:
+                await client.create([Item("Lamp", 1, 9.99)], timeout=0.5)
+            release()
+        assert failed.value.request_id is not None
+        for _ in range(500):  # the first attempt, already under way on the server, commits once the lock is free
+            created = [order.id async for order in client.list()]
+            if created:
+                break
+            await asyncio.sleep(0.01)
+        assert len(created) == 1
+        retried = await client.create([Item("Lamp", 1, 9.99)], request_id=failed.value.request_id)
+        assert retried.id == created[0]
+        assert [order.id async for order in client.list()] == created
+
+
 async def test_a_call_not_safe_to_repeat_fails_with_unavailable_naming_the_unanswered_ping(server, no_gc):
     proxy = FreezingProxy(server.port)
     async with proxy as hung, OrderClient(hung, keepalive=0.5, timeout=10) as client:
