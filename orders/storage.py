@@ -46,6 +46,10 @@ POSTGRES_CONNECT_TIMEOUT = 5  # seconds; a URL may set its own ``connect_timeout
 # a transaction the database ends its session instead (no write of ours pauses for more than milliseconds).
 # Half a client's default deadline (10 s): the writes waiting behind it still finish within theirs.
 POSTGRES_IDLE_IN_TRANSACTION_MS = 5_000
+# A statement waiting for a lock that another session holds (a migration, VACUUM FULL, an operator's LOCK
+# TABLE) gives up after this long, as SQLite's busy timeout does, and its call fails with UNAVAILABLE
+# instead of waiting as long as the lock is held.
+POSTGRES_LOCK_TIMEOUT_MS = 10_000
 # TCP keepalives and a user timeout (libpq's, so a URL may set its own): a database server that vanished
 # without closing the connection (a crash of its machine, a network cut) is noticed within about half a
 # minute while the connection is idle, and within 15 s of a statement sent and not acknowledged, instead of
@@ -172,7 +176,7 @@ MODELS: tuple[type[_Model], ...] = (OrderRow, ItemRow, EventRow, IdempotencyRow,
 def open_database(url: str) -> peewee.Database:
     """Open a database from a ``playhouse.db_url`` URL: SQLite with its durability settings, or PostgreSQL
     (``postgresql://user@host:port/dbname``, needs the ``postgres`` extra) with a connect timeout, TCP
-    keepalives and a limit on a session's idle time inside a transaction.
+    keepalives, and limits on a session's idle time inside a transaction and on its waits for locks.
     ValueError for any other URL (see :func:`check_database_url`)."""
     check_database_url(url)
     if url.startswith("sqlite"):
@@ -183,9 +187,12 @@ def open_database(url: str) -> peewee.Database:
         params.setdefault("connect_timeout", POSTGRES_CONNECT_TIMEOUT)
         for name, value in POSTGRES_KEEPALIVES.items():
             params.setdefault(name, value)
-        # first, so that a URL's own ?options=-c idle_in_transaction_session_timeout=... wins
-        timeout = f"-c idle_in_transaction_session_timeout={POSTGRES_IDLE_IN_TRANSACTION_MS}"
-        params["options"] = f"{timeout} {params.get('options', '')}".strip()
+        # first, so that a URL's own ?options=-c lock_timeout=... (or idle_in_transaction_...) wins
+        timeouts = (
+            f"-c idle_in_transaction_session_timeout={POSTGRES_IDLE_IN_TRANSACTION_MS} "
+            f"-c lock_timeout={POSTGRES_LOCK_TIMEOUT_MS}"
+        )
+        params["options"] = f"{timeouts} {params.get('options', '')}".strip()
     return database
 
 

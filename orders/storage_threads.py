@@ -136,7 +136,9 @@ class GroupCommitWriter(DatabaseThread):
     back (the failed job may have written part of its work) and the batch runs again with each job in
     its own savepoint (a job is a repository write, whose ``write_transaction()`` then nests as one), so
     the failing job rolls back only itself and gets its own error while the others commit. A job alone
-    needs neither: its own ``write_transaction()`` is the transaction.
+    needs neither: its own ``write_transaction()`` is the transaction. A failure of the database itself
+    (unreachable, locked, a lock wait timed out) fails the whole batch at once with UNAVAILABLE, rather
+    than being met again by each job in turn.
     """
 
     def __init__(self, repository: Repository) -> None:
@@ -166,9 +168,12 @@ class GroupCommitWriter(DatabaseThread):
                     try:
                         results.extend(_run_group(group))
                     except Exception as exc:
+                        error = translated(exc)
+                        if isinstance(error, Unavailable):  # the database's failure, not the job's: all fail now
+                            raise
                         if not savepoints:
                             raise _RunWithSavepoints from exc
-                        results.append((None, translated(exc)))
+                        results.append((None, error))
 
         try:
             call_translating_errors(self.database, run_all)

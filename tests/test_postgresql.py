@@ -24,8 +24,9 @@ from test_stream import eventually
 import orders.server
 import orders.storage
 from orders._proto.orders.v1 import OrderServiceStub, OrderStatusStreamRequest
-from orders.client import Item, OrderClient
+from orders.client import Item, OrderClient, RetryPolicy
 from orders.domain import NewOrder, Status, validate_new_order
+from orders.errors import Unavailable
 from orders.storage import SCHEMA_VERSION, Repository, open_database
 from orders.testing import running_server
 
@@ -149,6 +150,18 @@ def test_connections_notice_a_vanished_database_server_unless_the_url_says_other
         assert settings["tcp_user_timeout"] == user_timeout, settings
 
 
+def test_sessions_bound_their_lock_waits_and_idle_transactions_unless_the_url_says_otherwise(database_url: str) -> None:
+    overridden = f"{database_url}?options=-c%20lock_timeout%3D1000"
+    for url, lock_timeout in ((database_url, "10s"), (overridden, "1s")):
+        database = open_database(url)
+        try:
+            names = ("lock_timeout", "idle_in_transaction_session_timeout")
+            settings = [database.execute_sql(f"SHOW {name}").fetchone()[0] for name in names]
+        finally:
+            database.close()
+        assert settings == [lock_timeout, "5s"], settings
+
+
 def test_an_unreachable_postgresql_is_a_one_line_startup_error() -> None:
     url = f"postgresql://postgres:secret@127.0.0.1:{free_port()}/orders"
     result = subprocess.run(
@@ -179,6 +192,31 @@ async def test_a_replica_frozen_in_the_middle_of_a_write_holds_up_the_others_onl
             frozen.execute_sql("SELECT 1")
         frozen.close()
         assert (await client.get(order.id)).id == order.id
+
+
+async def test_calls_held_up_by_another_sessions_lock_fail_with_unavailable_after_the_lock_timeout(
+    database_url: str,
+) -> None:
+    """A table locked by another session (a migration, VACUUM FULL, an operator's LOCK TABLE) holds up the
+    writes and reads that need it for the lock timeout (10 s by default, as SQLite's busy timeout; here
+    1 s, from the URL), not for as long as the lock is held: then they fail with UNAVAILABLE, a batch of
+    writes all at once rather than one after the other, and the server serves again once the lock goes."""
+    async with (
+        running_server(f"{database_url}?options=-c%20lock_timeout%3D1000") as server,
+        OrderClient(f"127.0.0.1:{server.port}", retry=RetryPolicy(attempts=1)) as client,
+    ):
+        order = await client.create([Item("Before", 1, 1.0)])
+        with psycopg.connect(database_url) as admin:  # holds the lock until this block commits
+            admin.execute('LOCK TABLE "order" IN ACCESS EXCLUSIVE MODE')
+            started = time.monotonic()
+            calls = [client.create([Item("While locked", 1, 1.0)]) for _ in range(8)] + [client.get(order.id)]
+            outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            waited = time.monotonic() - started
+        for outcome in outcomes:
+            assert isinstance(outcome, Unavailable) and "lock timeout" in outcome.message, outcome
+        assert waited < 5, f"the writes waited {waited:.1f} s: one lock timeout each instead of one per batch"
+        assert (await client.get(order.id)).id == order.id
+        assert (await client.create([Item("After", 1, 1.0)])).version == 1
 
 
 async def test_a_replica_that_cannot_read_its_database_says_not_serving_and_sends_no_heartbeats(
