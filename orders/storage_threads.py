@@ -244,6 +244,13 @@ def translated(error: Exception) -> Exception:
     return error
 
 
+def _lock_wait_ended(error: BaseException | None) -> bool:
+    """Whether ``error`` (peewee's, raised while handling the driver's) ended a wait for another session's
+    lock: SQLite's busy timeout, PostgreSQL's lock timeout."""
+    driver_error = error.__context__ if error is not None else None
+    return "database is locked" in str(error) or getattr(driver_error, "sqlstate", None) == "55P03"
+
+
 def _forget_lost_connection(database: peewee.Database) -> None:
     if database.is_closed():
         return
@@ -287,7 +294,8 @@ class Storage:
         try:
             await self.write(self.repository.migrate)
         except Unavailable as exc:
-            raise DatabaseUnusable(f"cannot reach it: {exc.__cause__}") from exc
+            what = "another process held its lock too long" if _lock_wait_ended(exc.__cause__) else "cannot reach it"
+            raise DatabaseUnusable(f"{what}: {exc.__cause__}") from exc
         except peewee.ImproperlyConfigured as exc:  # no driver for the URL's scheme
             raise DatabaseUnusable(f"{exc} (for PostgreSQL: pip install 'orders[postgres]')") from exc
         except peewee.DatabaseError as exc:  # e.g. a file that is not a SQLite database

@@ -19,6 +19,7 @@ from grpclib.client import Channel
 from grpclib.health.v1.health_grpc import HealthStub
 from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from server_process import free_port
+from test_shutdown import write_lock
 from test_stream import eventually
 
 import orders.server
@@ -173,6 +174,24 @@ def test_an_unreachable_postgresql_is_a_one_line_startup_error() -> None:
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.startswith("orders serve: the database postgresql://postgres:***@127.0.0.1:")
     assert "Connection refused" in result.stderr and "secret" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_replica_kept_from_the_write_lock_at_start_up_exits_saying_so(database_url: str) -> None:
+    """A replica starting while another holds the write lock (a large schema upgrade) waits for it at most
+    the lock timeout (here 0.5 s, from the URL), then exits with a one-line error that says so."""
+    url = f"{database_url}?options=-c%20lock_timeout%3D500"
+    with write_lock(database_url):
+        result = subprocess.run(
+            [sys.executable, "-m", "orders.server", "--port", "0", "--db", url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1 and result.stdout == "", result
+    assert "is unusable: another process held its lock too long: canceling statement due to lock timeout" in (
+        result.stderr
+    )
     assert "Traceback" not in result.stderr
 
 

@@ -322,8 +322,7 @@ async def test_a_health_watch_ends_at_once_and_does_not_hold_up_the_shutdown(tmp
 async def test_a_call_outlasting_the_grace_period_is_cancelled_and_the_server_still_exits_0(tmp_path, database_url):
     """Writes stuck behind a lock held past ``--grace 1``: at the end of the grace period they are cancelled
     with UNAVAILABLE, and the process exits 0 at once rather than when the stuck database call ends (on
-    SQLite's busy timeout, 10 s; on PostgreSQL, never while the lock is held); the cancelled writes did
-    nothing."""
+    SQLite's busy timeout or PostgreSQL's lock timeout, 10 s); the cancelled writes did nothing."""
     grace = 1.0
     server = ServerProcess(tmp_path, database_url, args=["--grace", str(grace)])
     channels = [Channel("127.0.0.1", server.port) for _ in range(4)]
