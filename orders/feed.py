@@ -273,8 +273,9 @@ class Feed(Generic[T]):
                 while await self._publish_next_page():
                     pass
             except Unavailable as exc:  # the database is the truth: read it again on the next wake-up
+                if self.log_readable:  # once per outage, not at every retry
+                    log.warning("reading the event log failed (%s); retrying until it works", exc.message)
                 self._set_readable(False)
-                log.warning("reading the event log failed (%s); retrying", exc.message)
             except Exception:
                 self._set_readable(False)
                 log.exception("reading the event log failed; retrying")
@@ -284,6 +285,8 @@ class Feed(Generic[T]):
     def _set_readable(self, readable: bool) -> None:
         if readable != self.log_readable:
             self.log_readable = readable
+            if readable:
+                log.info("reading the event log works again")
             self.on_readable_change(readable)
 
     async def _publish_next_page(self) -> bool:

@@ -15,6 +15,7 @@ import functools
 import itertools
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
@@ -36,6 +37,12 @@ A = TypeVar("A")
 R = TypeVar("R")
 
 MAX_BATCH = 256  # jobs per batch: per transaction on the writer
+# Seconds a batch may run before the database counts as not answering (a database server that stopped, or
+# a network that holds its packets without losing the connection). Longer than any wait the database
+# itself bounds: SQLite's busy timeout and PostgreSQL's lock timeout (10 s), libpq's TCP user timeout
+# (15 s); the schema upgrade at start-up is not watched.
+STALL_TIMEOUT = 20.0
+STALL_CHECK_INTERVAL = 1.0  # seconds between checks for a stalled batch
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,10 +68,14 @@ Outcome = tuple[asyncio.Future[Any], Any, BaseException | None]
 class DatabaseThread:
     """One thread with its own connection, running queued jobs in batches."""
 
+    stall_note = ""  # what a caller failed by a stalled batch should know besides "retry later"
+
     def __init__(self, database: peewee.Database, name: str) -> None:
         self.database = database
         self._jobs: queue.SimpleQueue[list[_Job] | None] = queue.SimpleQueue()
         self._handing_over: list[_Job] = []  # queued by the event loop during its current iteration
+        self._waiting: set[asyncio.Future[Any]] = set()  # the callers' futures, until each is answered
+        self._busy_since: float | None = None  # time.monotonic() when the running batch started
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
@@ -74,13 +85,41 @@ class DatabaseThread:
 
         The jobs an event-loop iteration queues reach the thread together, right after the iteration:
         one wake-up of the thread, instead of one per job, each taking the GIL from the loop mid-work.
+
+        While the running batch has stalled (see :meth:`fail_if_stalled`), Unavailable at once.
         """
+        stalled_for = self.stalled_for()
+        if stalled_for:
+            raise Unavailable(f"the database has not answered for {stalled_for:.0f} s; retry later")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = loop.create_future()
         if not self._handing_over:
             loop.call_soon(self._hand_over)
         self._handing_over.append(_Job(fn, future, transactional, together))
-        return await future
+        self._waiting.add(future)
+        try:
+            return await future
+        finally:
+            self._waiting.discard(future)
+
+    def stalled_for(self) -> float:
+        """Seconds the running batch has run if that is over STALL_TIMEOUT, else 0."""
+        busy_since = self._busy_since
+        running_for = 0.0 if busy_since is None else time.monotonic() - busy_since
+        return running_for if running_for > STALL_TIMEOUT else 0.0
+
+    def fail_if_stalled(self) -> None:
+        """If the running batch has stalled, fail every caller of this loop still waiting with Unavailable:
+        those whose jobs have not started never run them, and the stalled batch's may still take effect
+        (its outcome is then dropped)."""
+        stalled_for = self.stalled_for()
+        if not stalled_for:
+            return
+        loop = asyncio.get_running_loop()
+        for future in [f for f in self._waiting if f.get_loop() is loop and not f.done()]:
+            future.set_exception(
+                Unavailable(f"the database has not answered for {stalled_for:.0f} s; retry later{self.stall_note}")
+            )
 
     def _hand_over(self) -> None:
         jobs, self._handing_over = self._handing_over, []
@@ -106,9 +145,13 @@ class DatabaseThread:
                     stopping = True
                     break
                 batch += queued
-            live = [job for job in batch if not job.future.cancelled()]
+            live = [job for job in batch if not job.future.done()]  # not given up (cancelled, or stalled)
             if live:
-                _answer(self._run_batch(live))
+                self._busy_since = time.monotonic()
+                try:
+                    _answer(self._run_batch(live))
+                finally:
+                    self._busy_since = None
 
     def _run_batch(self, batch: list[_Job]) -> list[Outcome]:
         outcomes: list[Outcome] = []
@@ -140,6 +183,11 @@ class GroupCommitWriter(DatabaseThread):
     (unreachable, locked, a lock wait timed out) fails the whole batch at once with UNAVAILABLE, rather
     than being met again by each job in turn.
     """
+
+    stall_note = (
+        " (the writes it was running when it stopped answering may still take effect once it does: retry "
+        "with the same request_id or expected_version)"
+    )
 
     def __init__(self, repository: Repository) -> None:
         self._repository = repository
@@ -213,7 +261,7 @@ def _answer(outcomes: list[Outcome]) -> None:
 
 def _settle(outcomes: list[Outcome]) -> None:
     for future, result, error in outcomes:
-        if future.cancelled():
+        if future.done():  # its caller gave up, or was told the database stalled
             continue
         if error is None:
             future.set_result(result)
@@ -269,6 +317,7 @@ class Storage:
         self.repository = Repository(open_database(url), retention_events)
         self._writer = GroupCommitWriter(self.repository)
         self._reader = DatabaseThread(self.repository.database, "orders-db-reader")
+        self._stall_watch: asyncio.Task[None] | None = None
 
     async def write(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         """Run ``fn``, a repository write, on the writer thread, in a transaction shared with other queued writes."""
@@ -290,7 +339,9 @@ class Storage:
         return await self._reader.run(functools.partial(single, many, argument), together=Together(many, argument))
 
     async def open(self) -> None:
-        """Connect, and create or check the schema; DatabaseUnusable if that cannot be done."""
+        """Connect, and create or check the schema; DatabaseUnusable if that cannot be done. From then on,
+        callers waiting on a batch that has run for over STALL_TIMEOUT get Unavailable, and so do new
+        ones until it ends."""
         try:
             await self.write(self.repository.migrate)
         except Unavailable as exc:
@@ -300,6 +351,13 @@ class Storage:
             raise DatabaseUnusable(f"{exc} (for PostgreSQL: pip install 'orders[postgres]')") from exc
         except peewee.DatabaseError as exc:  # e.g. a file that is not a SQLite database
             raise DatabaseUnusable(str(exc)) from exc
+        self._stall_watch = asyncio.create_task(self._watch_for_stalls(), name="orders-db-stall-watch")
+
+    async def _watch_for_stalls(self) -> None:
+        while True:
+            await asyncio.sleep(STALL_CHECK_INTERVAL)
+            for thread in (self._writer, self._reader):
+                thread.fail_if_stalled()
 
     @property
     def is_postgresql(self) -> bool:
@@ -314,15 +372,18 @@ class Storage:
         return asyncio.create_task(listen_for_commits(self.repository.database, on_commit), name="orders-listener")
 
     async def close(self, timeout: float | None = None) -> bool:
-        """Close each thread's connection and stop the threads; False if that took over ``timeout`` s.
+        """Close each thread's connection and stop the threads; False if that took over ``timeout`` s, or a
+        thread has stalled.
 
         Work still running on a thread (a write waiting for another process's lock, say) is waited for
         at most ``timeout`` s (None: as long as it takes). On False the threads are left to the end of the
         process, where SQLite discards any transaction they had not committed, as after a crash.
         """
+        if self._stall_watch is not None:
+            self._stall_watch.cancel()
         try:
             await asyncio.wait_for(self._close_threads(), timeout)
-        except TimeoutError:
+        except (TimeoutError, Unavailable):
             return False
         return True
 

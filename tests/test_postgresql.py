@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,11 +20,13 @@ from grpclib.client import Channel
 from grpclib.health.v1.health_grpc import HealthStub
 from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from server_process import free_port
+from test_client import FreezingProxy
 from test_shutdown import write_lock
 from test_stream import eventually
 
 import orders.server
 import orders.storage
+import orders.storage_threads
 from orders._proto.orders.v1 import OrderServiceStub, OrderStatusStreamRequest
 from orders.client import Item, OrderClient, RetryPolicy
 from orders.domain import NewOrder, Status, validate_new_order
@@ -283,6 +286,49 @@ async def test_a_replica_that_cannot_read_its_database_says_not_serving_and_send
         finally:
             watching.cancel()
             await asyncio.gather(watching, return_exceptions=True)
+            channel.close()
+
+
+async def test_a_database_that_stops_answering_fails_calls_with_unavailable_and_says_not_serving(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database server that stops answering while its connections stay open (a stopped process, a
+    network that holds the packets) is given up on after STALL_TIMEOUT (20 s; here 1 s): the calls
+    waiting on it, even without a deadline, fail with UNAVAILABLE and later calls at once, and health is
+    NOT_SERVING; when its connections break, the server reconnects and serves again."""
+    monkeypatch.setattr(orders.storage_threads, "STALL_TIMEOUT", 1.0)
+    monkeypatch.setattr(orders.storage_threads, "STALL_CHECK_INTERVAL", 0.1)
+    database = urllib.parse.urlsplit(database_url)
+    proxy = FreezingProxy(database.port or 5432)
+    user = database.netloc.rpartition("@")[0]
+    async with (
+        proxy as address,
+        running_server(database._replace(netloc=f"{user}@{address}" if user else address).geturl()) as server,
+        OrderClient(f"127.0.0.1:{server.port}", timeout=None, retry=RetryPolicy(attempts=1)) as client,
+    ):
+        channel = Channel("127.0.0.1", server.port)
+
+        async def status() -> HealthCheckResponse.ServingStatus:
+            request = HealthCheckRequest(service="orders.v1.OrderService")
+            return (await HealthStub(channel).Check(request, timeout=TIMEOUT)).status
+
+        try:
+            order = await client.create([Item("Before", 1, 1.0)])
+            proxy.freeze()
+            started = time.monotonic()
+            waiting = [client.create([Item("While stopped", 1, 1.0)]), client.get(order.id)]  # no deadline
+            outcomes = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), TIMEOUT)
+            for outcome in outcomes:
+                assert isinstance(outcome, Unavailable) and "has not answered" in outcome.message, outcome
+            assert time.monotonic() - started < TIMEOUT / 2
+            await wait_until_async(status, HealthCheckResponse.NOT_SERVING)
+            with pytest.raises(Unavailable, match="has not answered"):
+                await asyncio.wait_for(client.get(order.id), 0.5)  # at once
+            await proxy.drop()
+            await wait_until_async(status, HealthCheckResponse.SERVING)
+            assert (await client.get(order.id)).id == order.id
+            assert (await client.create([Item("After", 1, 1.0)])).version == 1
+        finally:
             channel.close()
 
 
