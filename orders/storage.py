@@ -201,6 +201,43 @@ def is_postgresql(database: peewee.Database) -> bool:
     return isinstance(database, peewee.PostgresqlDatabase)
 
 
+def _in_memory(path: str) -> bool:
+    return not path or path == ":memory:" or path.startswith("file::memory:")
+
+
+class SqliteFiles:
+    """Notices a SQLite database file, or its write-ahead log, deleted or replaced under the running server
+    (an ``rm``, a backup copied or moved over it). SQLite would go on using the files it has open, which no
+    longer have those names, and every write acknowledged from then on would be gone at the next start."""
+
+    def __init__(self, path: str) -> None:
+        self._paths = (path, f"{path}-wal")
+        self._seen: dict[str, tuple[int, int]] = {}  # (device, inode) of each, when first checked
+
+    @classmethod
+    def of(cls, database: peewee.Database) -> SqliteFiles | None:
+        """The files of ``database``; None for PostgreSQL or an in-memory SQLite database."""
+        return None if is_postgresql(database) or _in_memory(database.database) else cls(database.database)
+
+    def check(self) -> None:
+        """OperationalError if a file is gone, or not the one first seen under its name; call it with the
+        database open (the write-ahead log exists from then on)."""
+        for path in self._paths:
+            try:
+                found = os.stat(path)
+            except FileNotFoundError:
+                raise peewee.OperationalError(_swapped(path, "deleted")) from None
+            if self._seen.setdefault(path, (found.st_dev, found.st_ino)) != (found.st_dev, found.st_ino):
+                raise peewee.OperationalError(_swapped(path, "replaced"))
+
+
+def _swapped(path: str, how: str) -> str:
+    return (
+        f"{os.path.basename(path)} was {how} while the server ran, so nothing written now would be kept: "
+        "restart the server"
+    )
+
+
 class SiblingWriteLock:
     """Hands SQLite's write lock from one server process to the next without SQLite's busy wait.
 
@@ -222,7 +259,7 @@ class SiblingWriteLock:
     @classmethod
     def beside(cls, database_path: str) -> contextlib.AbstractContextManager[None]:
         """The lock for the SQLite file at ``database_path``; a no-op for an in-memory database."""
-        if not database_path or database_path == ":memory:" or database_path.startswith("file::memory:"):
+        if _in_memory(database_path):
             return contextlib.nullcontext()
         return cls(f"{database_path}-writer.lock", SQLITE_PRAGMAS["busy_timeout"] / 1000)
 
@@ -308,6 +345,7 @@ class Repository:
         self._sibling_lock: contextlib.AbstractContextManager[None] = (
             contextlib.nullcontext() if self._postgresql else SiblingWriteLock.beside(database.database)
         )
+        self._files = SqliteFiles.of(database)
         self._models = {model: _bind(model, database) for model in MODELS}
         self._orders = self._models[OrderRow]
         self._items = self._models[ItemRow]
@@ -366,6 +404,8 @@ class Repository:
                     yield
                 return
             with self._sibling_lock, self.database.atomic("IMMEDIATE"):
+                if self._files is not None:
+                    self._files.check()
                 yield
             return
         outermost = not self.database.in_transaction()
@@ -660,7 +700,9 @@ class Repository:
         if ids:  # a filtered stream catching up: any number of ids, so peewee builds the query
             select = self._event_columns().where((e.sequence > sequence) & e.order_id.in_(ids))
             rows = select.order_by(e.sequence).limit(limit).tuples()
-        else:  # the tailer, after every commit
+        else:  # the tailer, after every commit and every poll: so health says NOT_SERVING once a file is swapped
+            if self._files is not None:
+                self._files.check()
             rows = self.database.execute_sql(self._events_after_sql, (sequence, limit))
         return [
             StatusEvent(seq, oid, _STATUSES.get(previous), _STATUSES[status], at)
