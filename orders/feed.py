@@ -277,8 +277,9 @@ class Feed(Generic[T]):
                     log.warning("reading the event log failed (%s); retrying until it works", exc.message)
                 self._set_readable(False)
             except Exception:
+                if self.log_readable:  # once per outage, as above
+                    log.exception("reading the event log failed; retrying until it works")
                 self._set_readable(False)
-                log.exception("reading the event log failed; retrying")
             else:
                 self._set_readable(True)
 

@@ -75,7 +75,8 @@ class OrderServer:
         self.feed = new_feed(self.storage, SQLITE_SIBLING_POLL_INTERVAL if siblings_unannounced else POLL_INTERVAL)
         self.service = OrderService(self.storage, self.feed)
         self.health = ServerHealth(self.service)  # for "" and for orders.v1.OrderService
-        self.feed.on_readable_change = self.health.set_serving  # NOT_SERVING while the log cannot be read
+        # NOT_SERVING while the log cannot be read, or the database does not answer
+        self.feed.on_readable_change = self.storage.on_stall_change = self._update_health
         services = [self.service, self.health]
         handlers = ServerReflection.extend(services, pool=_DESCRIPTORS)
         for reflection in handlers[len(services) :]:  # list the reflection services too, as grpcio servers do
@@ -106,6 +107,9 @@ class OrderServer:
         self._commit_listener: asyncio.Task[None] | None = None  # PostgreSQL LISTEN: other replicas' commits
         self.port = 0
         self.abandoned_database_work = False  # set by stop() when a storage thread would not finish
+
+    def _update_health(self, _: bool) -> None:
+        self.health.set_serving(self.feed.log_readable and not self.storage.stalled)
 
     async def start(self) -> int:
         """Open the database, start serving, and return the port actually bound.

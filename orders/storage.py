@@ -436,7 +436,8 @@ class Repository:
     # --- schema ------------------------------------------------------------------------------
 
     def migrate(self) -> None:
-        """Create the schema if missing, or upgrade an older one; refuse a database written by a newer one."""
+        """Create the schema if missing, or upgrade an older one; refuse a database written by a newer one.
+        It always writes, so a database that cannot be written (a read-only file) fails here, at start-up."""
         with self.write_transaction():
             for model in self._models.values():  # in MODELS order: referenced tables first
                 model.create_table(safe=True)
@@ -447,11 +448,12 @@ class Repository:
                 raise DatabaseUnusable(
                     f"database schema version {found} is newer than this server's {SCHEMA_VERSION}; upgrade orders"
                 )
-            elif found < SCHEMA_VERSION:
+            else:
                 if found < 2:
                     self._add_encoded_orders()
-                self._drop_key_time_index()
-                self._schema.update(version=SCHEMA_VERSION).execute()
+                if found < 3:
+                    self._drop_key_time_index()
+                self._schema.update(version=SCHEMA_VERSION).execute()  # also when current: the write that checks
 
     def _add_encoded_orders(self) -> None:
         """Schema 1 → 2: add ``order.encoded`` and encode every existing order into it."""

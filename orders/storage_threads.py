@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import functools
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -35,6 +36,8 @@ from orders.storage import (
 P = ParamSpec("P")
 A = TypeVar("A")
 R = TypeVar("R")
+
+log = logging.getLogger(__name__)
 
 MAX_BATCH = 256  # jobs per batch: per transaction on the writer
 # Seconds a batch may run before the database counts as not answering (a database server that stopped, or
@@ -76,6 +79,8 @@ class DatabaseThread:
         self._handing_over: list[_Job] = []  # queued by the event loop during its current iteration
         self._waiting: set[asyncio.Future[Any]] = set()  # the callers' futures, until each is answered
         self._busy_since: float | None = None  # time.monotonic() when the running batch started
+        self._failing = False  # whether the last batch failed with Unavailable (logged once per outage)
+        self.log_outages = False  # whether to log them: not while starting (that error is the message) or closing
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
@@ -149,9 +154,22 @@ class DatabaseThread:
             if live:
                 self._busy_since = time.monotonic()
                 try:
-                    _answer(self._run_batch(live))
+                    outcomes = self._run_batch(live)
                 finally:
                     self._busy_since = None
+                self._log_outage(outcomes)
+                _answer(outcomes)
+
+    def _log_outage(self, outcomes: list[Outcome]) -> None:
+        """Log the first batch that fails with Unavailable (the database's failure, not a call's), and the
+        first that does not after that: once per outage, not once per call."""
+        failure = next((error for _, _, error in outcomes if isinstance(error, Unavailable)), None)
+        if self.log_outages and (failure is not None) != self._failing:
+            if failure is not None:
+                log.warning("database calls on %s fail: %s", self._thread.name, failure.message)
+            else:
+                log.info("database calls on %s work again", self._thread.name)
+        self._failing = failure is not None
 
     def _run_batch(self, batch: list[_Job]) -> list[Outcome]:
         outcomes: list[Outcome] = []
@@ -288,7 +306,15 @@ def call_translating_errors(database: peewee.Database, fn: Callable[P, R], *args
 def translated(error: Exception) -> Exception:
     """``error``, or Unavailable for a database that cannot be reached or is locked."""
     if isinstance(error, (peewee.OperationalError, peewee.InterfaceError)):
-        return Unavailable(f"the database is unavailable ({error}); retry later")
+        return Unavailable(f"the database is unavailable ({_behind_the_rollback(error)}); retry later")
+    return error
+
+
+def _behind_the_rollback(error: BaseException) -> BaseException:
+    """The failure a failed rollback hides: when its COMMIT fails (disk full, an I/O error) SQLite rolls
+    the transaction back itself, and peewee's own rollback then fails with "no transaction is active"."""
+    while "no transaction is active" in str(error) and error.__context__ is not None:
+        error = error.__context__
     return error
 
 
@@ -318,6 +344,8 @@ class Storage:
         self._writer = GroupCommitWriter(self.repository)
         self._reader = DatabaseThread(self.repository.database, "orders-db-reader")
         self._stall_watch: asyncio.Task[None] | None = None
+        self.stalled = False  # whether a storage thread's running batch has stalled (see DatabaseThread)
+        self.on_stall_change: Callable[[bool], None] = lambda stalled: None  # called when that changes
 
     async def write(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         """Run ``fn``, a repository write, on the writer thread, in a transaction shared with other queued writes."""
@@ -339,25 +367,41 @@ class Storage:
         return await self._reader.run(functools.partial(single, many, argument), together=Together(many, argument))
 
     async def open(self) -> None:
-        """Connect, and create or check the schema; DatabaseUnusable if that cannot be done. From then on,
-        callers waiting on a batch that has run for over STALL_TIMEOUT get Unavailable, and so do new
-        ones until it ends."""
+        """Connect, create or check the schema, and read the event log's bounds; DatabaseUnusable if that
+        cannot be done. From then on, callers waiting on a batch that has run for over STALL_TIMEOUT get
+        Unavailable, and so do new ones until it ends."""
         try:
             await self.write(self.repository.migrate)
+            await self.read(self.repository.log_bounds)  # what the feed reads first: a corrupt log fails here
         except Unavailable as exc:
-            what = "another process held its lock too long" if _lock_wait_ended(exc.__cause__) else "cannot reach it"
+            what = (
+                "another process held its lock too long"
+                if _lock_wait_ended(exc.__cause__)
+                else "cannot reach it"
+                if self.is_postgresql
+                else "cannot use it"
+            )
             raise DatabaseUnusable(f"{what}: {exc.__cause__}") from exc
         except peewee.ImproperlyConfigured as exc:  # no driver for the URL's scheme
             raise DatabaseUnusable(f"{exc} (for PostgreSQL: pip install 'orders[postgres]')") from exc
         except peewee.DatabaseError as exc:  # e.g. a file that is not a SQLite database
             raise DatabaseUnusable(str(exc)) from exc
         self._stall_watch = asyncio.create_task(self._watch_for_stalls(), name="orders-db-stall-watch")
+        self._writer.log_outages = self._reader.log_outages = True
 
     async def _watch_for_stalls(self) -> None:
         while True:
             await asyncio.sleep(STALL_CHECK_INTERVAL)
             for thread in (self._writer, self._reader):
                 thread.fail_if_stalled()
+            stalled = any(thread.stalled_for() for thread in (self._writer, self._reader))
+            if stalled != self.stalled:
+                if stalled:
+                    log.warning("the database has not answered for %g s; calls fail with UNAVAILABLE", STALL_TIMEOUT)
+                else:
+                    log.info("the database answers again")
+                self.stalled = stalled
+                self.on_stall_change(stalled)
 
     @property
     def is_postgresql(self) -> bool:
@@ -379,6 +423,7 @@ class Storage:
         at most ``timeout`` s (None: as long as it takes). On False the threads are left to the end of the
         process, where SQLite discards any transaction they had not committed, as after a crash.
         """
+        self._writer.log_outages = self._reader.log_outages = False
         if self._stall_watch is not None:
             self._stall_watch.cancel()
         try:

@@ -10,7 +10,6 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import peewee
@@ -258,13 +257,10 @@ async def test_a_replica_that_cannot_read_its_database_says_not_serving_and_send
             ):
                 heartbeats.append(update.sequence)
 
-        async def status() -> HealthCheckResponse.ServingStatus:
-            request = HealthCheckRequest(service="orders.v1.OrderService")
-            return (await HealthStub(channel).Check(request, timeout=TIMEOUT)).status
 
         watching = asyncio.ensure_future(watch())
         try:
-            assert await status() == HealthCheckResponse.SERVING
+            assert await health(channel) == HealthCheckResponse.SERVING
             await eventually(lambda: len(heartbeats) >= 1, "a first heartbeat", TIMEOUT)
             with psycopg.connect(database_url.replace(f"/{database}", "/postgres"), autocommit=True) as admin:
                 allow = f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS %s'
@@ -275,13 +271,13 @@ async def test_a_replica_that_cannot_read_its_database_says_not_serving_and_send
                         "AND pid <> pg_backend_pid()",
                         (database,),
                     )
-                    await wait_until_async(status, HealthCheckResponse.NOT_SERVING)
+                    await wait_for_health(channel, HealthCheckResponse.NOT_SERVING)
                     quiet_from = len(heartbeats)
                     await asyncio.sleep(2.5)  # two and a half heartbeat intervals
                     assert len(heartbeats) == quiet_from, "a heartbeat while the log could not be read"
                 finally:
                     admin.execute(allow % "true")
-            await wait_until_async(status, HealthCheckResponse.SERVING)
+            await wait_for_health(channel, HealthCheckResponse.SERVING)
             await eventually(lambda: len(heartbeats) > quiet_from, "heartbeats again", TIMEOUT)
         finally:
             watching.cancel()
@@ -308,9 +304,6 @@ async def test_a_database_that_stops_answering_fails_calls_with_unavailable_and_
     ):
         channel = Channel("127.0.0.1", server.port)
 
-        async def status() -> HealthCheckResponse.ServingStatus:
-            request = HealthCheckRequest(service="orders.v1.OrderService")
-            return (await HealthStub(channel).Check(request, timeout=TIMEOUT)).status
 
         try:
             order = await client.create([Item("Before", 1, 1.0)])
@@ -321,19 +314,50 @@ async def test_a_database_that_stops_answering_fails_calls_with_unavailable_and_
             for outcome in outcomes:
                 assert isinstance(outcome, Unavailable) and "has not answered" in outcome.message, outcome
             assert time.monotonic() - started < TIMEOUT / 2
-            await wait_until_async(status, HealthCheckResponse.NOT_SERVING)
+            await wait_for_health(channel, HealthCheckResponse.NOT_SERVING)
             with pytest.raises(Unavailable, match="has not answered"):
                 await asyncio.wait_for(client.get(order.id), 0.5)  # at once
             await proxy.drop()
-            await wait_until_async(status, HealthCheckResponse.SERVING)
+            await wait_for_health(channel, HealthCheckResponse.SERVING)
             assert (await client.get(order.id)).id == order.id
             assert (await client.create([Item("After", 1, 1.0)])).version == 1
         finally:
             channel.close()
 
 
-async def wait_until_async(current: Callable[[], Awaitable[object]], expected: object) -> None:
+async def test_a_write_held_up_past_the_stall_timeout_says_not_serving_while_reads_go_on(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write the database keeps waiting past STALL_TIMEOUT (here 1 s, and the lock timeout 5 s) fails
+    with UNAVAILABLE and health says NOT_SERVING, although reads are still served, until it completes."""
+    monkeypatch.setattr(orders.storage_threads, "STALL_TIMEOUT", 1.0)
+    monkeypatch.setattr(orders.storage_threads, "STALL_CHECK_INTERVAL", 0.1)
+    async with (
+        running_server(f"{database_url}?options=-c%20lock_timeout%3D5000") as server,
+        OrderClient(f"127.0.0.1:{server.port}", timeout=None, retry=RetryPolicy(attempts=1)) as client,
+    ):
+        channel = Channel("127.0.0.1", server.port)
+        try:
+            order = await client.create([Item("Before", 1, 1.0)])
+            with write_lock(database_url):
+                with pytest.raises(Unavailable, match="has not answered for 1 s.*may still take effect"):
+                    await asyncio.wait_for(client.create([Item("Held up", 1, 1.0)]), TIMEOUT)
+                await wait_for_health(channel, HealthCheckResponse.NOT_SERVING)
+                assert (await client.get(order.id)).id == order.id
+            await wait_for_health(channel, HealthCheckResponse.SERVING)
+            assert len((await client.list_page()).orders) == 2  # the held-up create took effect once it could
+        finally:
+            channel.close()
+
+
+async def health(channel: Channel) -> HealthCheckResponse.ServingStatus:
+    request = HealthCheckRequest(service="orders.v1.OrderService")
+    return (await HealthStub(channel).Check(request, timeout=TIMEOUT)).status
+
+
+async def wait_for_health(channel: Channel, expected: HealthCheckResponse.ServingStatus) -> None:
+    """Wait until the server at ``channel`` reports ``expected`` health."""
     deadline = asyncio.get_running_loop().time() + TIMEOUT
-    while (got := await current()) != expected:
+    while (got := await health(channel)) != expected:
         assert asyncio.get_running_loop().time() < deadline, f"waited {TIMEOUT} s for {expected}, still {got}"
         await asyncio.sleep(0.1)

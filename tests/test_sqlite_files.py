@@ -1,19 +1,26 @@
-"""The SQLite files under a running server: deleted or replaced (an ``rm``, a backup copied or moved over
+"""The SQLite files under a running server. Deleted or replaced (an ``rm``, a backup copied or moved over
 them), SQLite would go on writing to the files it has open, and every write acknowledged from then on
-would be gone at the next start. The server refuses those writes with UNAVAILABLE and says NOT_SERVING."""
+would be gone at the next start: the server refuses those writes with UNAVAILABLE and says NOT_SERVING.
+Files that cannot grow (a full disk) fail the writes with UNAVAILABLE saying why, logged once."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import resource
 import shutil
-from collections.abc import Callable
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from grpclib.client import Channel
 from grpclib.health.v1.health_grpc import HealthStub
 from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
+from server_process import ServerProcess
 
 from orders import Item, OrderClient, RetryPolicy, Unavailable
 from orders.testing import running_server
@@ -60,3 +67,84 @@ async def test_a_database_file_swapped_under_the_server_refuses_writes_and_says_
                 await asyncio.sleep(0.05)
         finally:
             channel.close()
+
+
+async def test_writes_to_files_that_cannot_grow_fail_saying_why_and_the_server_logs_it_once(tmp_path: Path) -> None:
+    """A commit that cannot write its log (here the server's file size limit, as a full disk would) is
+    UNAVAILABLE with SQLite's reason, not peewee's "cannot rollback - no transaction is active" that
+    followed it; the server logs the outage once and its end, and writes work again by themselves."""
+    path = tmp_path / "orders.db"
+    server = ServerProcess(tmp_path, f"sqlite:///{path}")
+    await server.start()
+    try:
+        async with OrderClient(server.target, retry=RetryPolicy(attempts=1)) as client:
+            await client.create([Item("Before", 1, 1.0)])
+            assert server.process is not None
+            grown = max(path.stat().st_size, Path(f"{path}-wal").stat().st_size)
+            resource.prlimit(server.process.pid, resource.RLIMIT_FSIZE, (grown + 16_384, resource.RLIM_INFINITY))
+            big = [Item(f"Item {i:04} " + "x" * 180, 1, 1.0) for i in range(100)]  # about 20 KB a create
+            failures = []
+            for _ in range(5):
+                with pytest.raises(Unavailable) as failed:
+                    await client.create(big)
+                failures.append(failed.value.message)
+            assert all("disk I/O error" in message for message in failures), failures
+            resource.prlimit(server.process.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+            assert len((await client.create(big)).items) == 100
+        log = server.log.read_text()
+        assert log.count("database calls on orders-db-writer fail: the database is unavailable (disk I/O") == 1, log
+        assert "database calls on orders-db-writer work again" in log, log
+    finally:
+        await server.kill()
+
+
+async def test_a_server_on_a_database_with_a_corrupt_event_log_refuses_to_start_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "orders.db"
+    await create_one_order(path)
+    with sqlite3.connect(path) as db:
+        (page,) = db.execute("SELECT rootpage FROM sqlite_schema WHERE name = 'status_event'").fetchone()
+        (page_size,) = db.execute("PRAGMA page_size").fetchone()
+    with path.open("r+b") as file:  # the event log's first page overwritten
+        file.seek((page - 1) * page_size)
+        file.write(b"\x55" * 100)
+    assert start_refused(path).endswith("is unusable: database disk image is malformed\n")
+
+
+def test_a_server_on_a_database_it_cannot_write_refuses_to_start_in_one_line(tmp_path: Path) -> None:
+    """Rather than start, say SERVING, and refuse every write."""
+    path = tmp_path / "orders.db"
+    asyncio.run(create_one_order(path))
+    with read_only(path):
+        refusal = start_refused(path)
+    assert refusal.endswith("is unusable: cannot use it: attempt to write a readonly database\n")
+
+
+async def create_one_order(path: Path) -> None:
+    async with running_server(f"sqlite:///{path}") as server, OrderClient(f"127.0.0.1:{server.port}") as client:
+        await client.create([Item("Before", 1, 1.0)])
+
+
+def start_refused(path: Path) -> str:
+    """What ``python -m orders.server`` on ``path`` says on stderr as it refuses to start (exit 1)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "orders.server", "--port", "0", "--db", f"sqlite:///{path}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1 and result.stdout == "" and "Traceback" not in result.stderr, result
+    return result.stderr
+
+
+@contextlib.contextmanager
+def read_only(path: Path) -> Iterator[None]:
+    """``path`` read-only: by its mode, or for root, whom modes do not stop, as an immutable file."""
+    if os.geteuid() != 0:
+        path.chmod(0o444)
+        yield
+        return
+    subprocess.run(["chattr", "+i", path], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", path], check=True)
