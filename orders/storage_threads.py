@@ -79,6 +79,7 @@ class DatabaseThread:
         self._handing_over: list[_Job] = []  # queued by the event loop during its current iteration
         self._waiting: set[asyncio.Future[Any]] = set()  # the callers' futures, until each is answered
         self._busy_since: float | None = None  # time.monotonic() when the running batch started
+        self.stalled = False  # set by fail_if_stalled, cleared as the stalled batch ends
         self._failing = False  # whether the last batch failed with Unavailable (logged once per outage)
         self.log_outages = False  # whether to log them: not while starting (that error is the message) or closing
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
@@ -93,9 +94,8 @@ class DatabaseThread:
 
         While the running batch has stalled (see :meth:`fail_if_stalled`), Unavailable at once.
         """
-        stalled_for = self.stalled_for()
-        if stalled_for:
-            raise Unavailable(f"the database has not answered for {stalled_for:.0f} s; retry later")
+        if self.stalled:
+            raise Unavailable(f"the database has not answered for over {STALL_TIMEOUT:g} s; retry later")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = loop.create_future()
         if not self._handing_over:
@@ -107,17 +107,18 @@ class DatabaseThread:
         finally:
             self._waiting.discard(future)
 
-    def stalled_for(self) -> float:
+    def _stalled_for(self) -> float:
         """Seconds the running batch has run if that is over STALL_TIMEOUT, else 0."""
         busy_since = self._busy_since
         running_for = 0.0 if busy_since is None else time.monotonic() - busy_since
         return running_for if running_for > STALL_TIMEOUT else 0.0
 
     def fail_if_stalled(self) -> None:
-        """If the running batch has stalled, fail every caller of this loop still waiting with Unavailable:
-        those whose jobs have not started never run them, and the stalled batch's may still take effect
-        (its outcome is then dropped)."""
-        stalled_for = self.stalled_for()
+        """If the running batch has stalled, mark this thread stalled and fail every caller of this loop still
+        waiting with Unavailable: those whose jobs have not started never run them, and the stalled batch's
+        may still take effect (its outcome is then dropped)."""
+        stalled_for = self._stalled_for()
+        self.stalled = bool(stalled_for)
         if not stalled_for:
             return
         loop = asyncio.get_running_loop()
@@ -157,6 +158,7 @@ class DatabaseThread:
                     outcomes = self._run_batch(live)
                 finally:
                     self._busy_since = None
+                    self.stalled = False
                 self._log_outage(outcomes)
                 _answer(outcomes)
 
@@ -394,7 +396,7 @@ class Storage:
             await asyncio.sleep(STALL_CHECK_INTERVAL)
             for thread in (self._writer, self._reader):
                 thread.fail_if_stalled()
-            stalled = any(thread.stalled_for() for thread in (self._writer, self._reader))
+            stalled = self._writer.stalled or self._reader.stalled
             if stalled != self.stalled:
                 if stalled:
                     log.warning("the database has not answered for %g s; calls fail with UNAVAILABLE", STALL_TIMEOUT)
