@@ -18,15 +18,14 @@ from pathlib import Path
 
 import pytest
 from grpclib.client import Channel
-from grpclib.health.v1.health_grpc import HealthStub
-from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
+from grpclib.health.v1.health_pb2 import HealthCheckResponse
 from server_process import ServerProcess
+from test_postgresql import wait_for_health
 
 from orders import Item, OrderClient, RetryPolicy, Unavailable
 from orders.testing import running_server
 
 pytestmark = pytest.mark.database_free  # about SQLite files only: run once
-TIMEOUT = 10.0
 
 
 def deleted(path: Path) -> None:
@@ -60,11 +59,7 @@ async def test_a_database_file_swapped_under_the_server_refuses_writes_and_says_
             for write in (client.create([Item("After", 1, 1.0)]), client.cancel(order.id)):
                 with pytest.raises(Unavailable, match=f"was {how} while the server ran.*restart the server"):
                     await write
-            deadline = asyncio.get_running_loop().time() + TIMEOUT
-            request = HealthCheckRequest(service="orders.v1.OrderService")
-            while (await HealthStub(channel).Check(request, timeout=TIMEOUT)).status != HealthCheckResponse.NOT_SERVING:
-                assert asyncio.get_running_loop().time() < deadline, "health still says SERVING"
-                await asyncio.sleep(0.05)
+            await wait_for_health(channel, HealthCheckResponse.NOT_SERVING)
         finally:
             channel.close()
 
