@@ -8,6 +8,7 @@ from orders.client import Item, OrderClient, RetryPolicy
 from orders.errors import (
     Aborted,
     AlreadyExists,
+    DataLoss,
     DeadlineExceeded,
     FailedPrecondition,
     Internal,
@@ -23,6 +24,7 @@ from orders.errors import (
 __all__ = [
     "Aborted",
     "AlreadyExists",
+    "DataLoss",
     "DeadlineExceeded",
     "FailedPrecondition",
     "Internal",

@@ -83,6 +83,13 @@ class ResourceExhausted(OrderError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class DataLoss(OrderError):
+    """The database is corrupt where the call had to read or write: restore it from a backup; retrying
+    the same call will not help."""
+
+    code = "DATA_LOSS"
+
+
 class Internal(OrderError):
     """A server-side fault; the server log has the details under the request id."""
 
@@ -102,6 +109,7 @@ ERRORS_BY_CODE: dict[str, type[OrderError]] = {
         Unauthenticated,
         DeadlineExceeded,
         ResourceExhausted,
+        DataLoss,
         Internal,
     )
 }

@@ -15,6 +15,7 @@ import functools
 import itertools
 import logging
 import queue
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,7 +24,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import peewee
 
-from orders.errors import OrderError, Unavailable
+from orders.errors import DataLoss, OrderError, Unavailable
 from orders.storage import (
     DatabaseUnusable,
     Repository,
@@ -164,7 +165,11 @@ class DatabaseThread:
 
     def _log_outage(self, outcomes: list[Outcome]) -> None:
         """Log the first batch that fails with Unavailable (the database's failure, not a call's), and the
-        first that does not after that: once per outage, not once per call."""
+        first that does not after that: once per outage, not once per call. Log every corrupt part of the
+        database met, once per batch."""
+        if self.log_outages:
+            for corruption in {id(error): error for _, _, error in outcomes if isinstance(error, DataLoss)}.values():
+                log.error("%s", corruption.message)
         failure = next((error for _, _, error in outcomes if isinstance(error, Unavailable)), None)
         if self.log_outages and (failure is not None) != self._failing:
             if failure is not None:
@@ -306,10 +311,43 @@ def call_translating_errors(database: peewee.Database, fn: Callable[P, R], *args
 
 
 def translated(error: Exception) -> Exception:
-    """``error``, or Unavailable for a database that cannot be reached or is locked."""
-    if isinstance(error, (peewee.OperationalError, peewee.InterfaceError)):
-        return Unavailable(f"the database is unavailable ({_behind_the_rollback(error)}); retry later")
+    """``error``; or DataLoss for a corrupt database, Unavailable for one that cannot be reached or is locked."""
+    cause = _behind_the_rollback(error)
+    if _corrupt(_driver_error(cause)):
+        return DataLoss(
+            f"the database is corrupt ({cause}); retrying will not help: the server's operator must restore it "
+            "from a backup"
+        )
+    if isinstance(error, UNAVAILABLE_DATABASE):
+        return Unavailable(f"the database is unavailable ({cause}); retry later")
     return error
+
+
+SQLITE_CORRUPTION = {11, 26}  # SQLITE_CORRUPT ("database disk image is malformed"), SQLITE_NOTADB
+POSTGRESQL_CORRUPTION = {"XX001", "XX002"}  # data_corrupted, index_corrupted
+
+
+# A database that cannot be reached, is locked, or failed to read or write its files. peewee translates what
+# the driver raises in its calls; a cursor's rows fetched later raise the driver's own errors (SQLite's).
+UNAVAILABLE_DATABASE = (
+    peewee.OperationalError,
+    peewee.InterfaceError,
+    sqlite3.OperationalError,
+    sqlite3.InterfaceError,
+)
+
+
+def _driver_error(error: BaseException) -> BaseException | None:
+    """The database driver's error behind ``error``: peewee's wraps it (raised while handling it)."""
+    return error.__context__ if isinstance(error, peewee.PeeweeException) else error
+
+
+def _corrupt(driver_error: BaseException | None) -> bool:
+    """Whether the driver's error says the database is corrupt."""
+    sqlite_code = getattr(driver_error, "sqlite_errorcode", None)
+    if sqlite_code is not None:
+        return sqlite_code & 0xFF in SQLITE_CORRUPTION  # the primary code of an extended one
+    return getattr(driver_error, "sqlstate", None) in POSTGRESQL_CORRUPTION
 
 
 def _behind_the_rollback(error: BaseException) -> BaseException:
@@ -375,6 +413,8 @@ class Storage:
         try:
             await self.write(self.repository.migrate)
             await self.read(self.repository.log_bounds)  # what the feed reads first: a corrupt log fails here
+        except DataLoss as exc:  # a corrupt schema or event log
+            raise DatabaseUnusable(str(exc.__cause__)) from exc
         except Unavailable as exc:
             what = (
                 "another process held its lock too long"

@@ -29,7 +29,7 @@ import orders.storage_threads
 from orders._proto.orders.v1 import OrderServiceStub, OrderStatusStreamRequest
 from orders.client import Item, OrderClient, RetryPolicy
 from orders.domain import NewOrder, Status, validate_new_order
-from orders.errors import Unavailable
+from orders.errors import DataLoss, Unavailable
 from orders.storage import SCHEMA_VERSION, Repository, open_database
 from orders.testing import running_server
 
@@ -163,6 +163,19 @@ def test_sessions_bound_their_lock_waits_and_idle_transactions_unless_the_url_sa
         finally:
             database.close()
         assert settings == [lock_timeout, "5s"], settings
+
+
+@pytest.mark.parametrize("sqlstate", ["data_corrupted", "index_corrupted"])
+def test_postgresql_reporting_corruption_is_data_loss(database_url: str, sqlstate: str) -> None:
+    """What PostgreSQL says of a damaged page (``could not read block``, ``invalid page in block``) is
+    DATA_LOSS, as SQLite's "database disk image is malformed" is (see test_sqlite_files)."""
+    database = open_database(database_url)
+    report = f"DO $$ BEGIN RAISE EXCEPTION 'invalid page in block 7' USING ERRCODE = '{sqlstate}'; END $$"
+    try:
+        with pytest.raises(DataLoss, match=r"(?s)the database is corrupt \(invalid page in block 7.*restore it"):
+            orders.storage_threads.call_translating_errors(database, database.execute_sql, report)
+    finally:
+        database.close()
 
 
 def test_an_unreachable_postgresql_is_a_one_line_startup_error() -> None:

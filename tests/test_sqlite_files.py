@@ -22,7 +22,7 @@ from grpclib.health.v1.health_pb2 import HealthCheckResponse
 from server_process import ServerProcess
 from test_postgresql import wait_for_health
 
-from orders import Item, OrderClient, RetryPolicy, Unavailable
+from orders import DataLoss, Item, OrderClient, RetryPolicy, Unavailable
 from orders.testing import running_server
 
 pytestmark = pytest.mark.database_free  # about SQLite files only: run once
@@ -103,6 +103,40 @@ async def test_a_server_on_a_database_with_a_corrupt_event_log_refuses_to_start_
         file.seek((page - 1) * page_size)
         file.write(b"\x55" * 100)
     assert start_refused(path).endswith("is unusable: database disk image is malformed\n")
+
+
+async def test_a_corrupt_part_of_the_database_is_data_loss_for_the_calls_that_meet_it(tmp_path: Path) -> None:
+    """Not INTERNAL, and not UNAVAILABLE ("retry later"): no retry mends a corrupt page. The server logs
+    each call that meets it, and serves the rest of the database as before."""
+    path = tmp_path / "orders.db"
+    names = [Item(f"Product {i:03} " + "x" * 150, 1, 1.0) for i in range(3)]
+    server = ServerProcess(tmp_path, f"sqlite:///{path}")
+    await server.start()
+    async with OrderClient(server.target) as client:
+        ids = [(await client.create(names)).id for _ in range(200)]
+    await server.stop()
+    with sqlite3.connect(path) as db:  # the last of the order table's pages, which holds the newest orders
+        (page,) = db.execute("SELECT MAX(pageno) FROM dbstat WHERE name = 'order' AND pagetype = 'leaf'").fetchone()
+        (page_size,) = db.execute("PRAGMA page_size").fetchone()
+    with path.open("r+b") as file:
+        file.seek((page - 1) * page_size)
+        file.write(b"\x55" * 100)
+
+    await server.start()
+    try:
+        async with OrderClient(server.target, retry=RetryPolicy(attempts=1)) as client:
+            with pytest.raises(DataLoss, match=r"the database is corrupt \(database disk image is malformed\); retry"):
+                await client.get(ids[-1])
+            with pytest.raises(DataLoss, match="restore it from a backup"):
+                await client.list_page(page_size=500)
+            with pytest.raises(DataLoss):  # a new order goes to that last page
+                await client.create(names)
+            assert (await client.get(ids[0])).id == ids[0]  # on another page
+        log = server.log.read_text()
+        assert log.count("ERROR orders.storage_threads the database is corrupt (database disk image") == 3, log
+        assert "Traceback" not in log, log
+    finally:
+        await server.kill()
 
 
 def test_a_server_on_a_database_it_cannot_write_refuses_to_start_in_one_line(tmp_path: Path) -> None:
