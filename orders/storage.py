@@ -266,7 +266,9 @@ class SiblingWriteLock:
     def __enter__(self) -> None:
         try:
             fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)  # held only while locked: nothing to leak
-        except OSError as exc:  # no such directory, no permission: the database is unusable
+        except FileNotFoundError as exc:
+            raise peewee.OperationalError("the database's directory does not exist") from exc
+        except OSError as exc:  # no permission, say: the database is unusable
             # say which file by its name only: the message reaches clients too, and the server's paths are not theirs
             raise peewee.OperationalError(f"cannot open {os.path.basename(self._path)}: {exc.strerror}") from exc
         deadline = time.monotonic() + self._timeout

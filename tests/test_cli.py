@@ -462,7 +462,7 @@ def test_serve_help_hides_the_database_password() -> None:
 @pytest.mark.parametrize(
     ("db", "says"),
     [
-        ("sqlite:////no/such/directory/orders.db", "cannot use it: cannot open orders.db-writer.lock: No such file"),
+        ("sqlite:////no/such/directory/orders.db", "cannot use it: the database's directory does not exist\n"),
         ("sqlite:///{tmp}/not-a-database.db", "is unusable: file is not a database"),
         ("postgresql://u@127.0.0.1:1/db?password=hunter2", "is unusable: cannot reach it"),
     ],
