@@ -54,6 +54,7 @@ from grpclib.const import Cardinality
 from grpclib.events import SendRequest, listen
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from grpclib.metadata import Deadline
+from grpclib.protocol import H2Protocol
 
 from orders import _grpclib_fixes  # noqa: F401  (a connection whose keepalive ping goes unanswered is aborted)
 from orders._proto.orders.v1 import (
@@ -194,6 +195,26 @@ def _check_seconds(seconds: float | None, name: str, *, zero: bool, none_means: 
         raise ValueError(f"{name} must be {least} seconds{none}, not {seconds}")
 
 
+class _Channel(Channel):
+    """grpclib's channel, which can also be shut for good: a connection that a call was still opening then
+    is closed as soon as it opens, and the call fails, instead of running on (grpclib's ``close()`` closes
+    only the connection already open, and a later call opens a new one)."""
+
+    _shut = False
+
+    def shut(self) -> None:
+        """Close the connection, and any that a call is opening now."""
+        self._shut = True
+        self.close()
+
+    async def __connect__(self) -> H2Protocol:
+        protocol = await super().__connect__()
+        if self._shut:
+            self.close()
+            raise StreamTerminatedError("the client was closed")
+        return protocol
+
+
 def _keepalive_config(silence: float | None) -> Configuration | None:
     """grpclib's settings for a ping every quarter of ``silence`` seconds while calls are in flight, however
     long they last, and the connection aborted once nothing at all has arrived for ``silence`` seconds after
@@ -319,7 +340,7 @@ class OrderClient:
         self._addresses = addresses
         self._ssl = context
         self._token = token
-        self._channels: tuple[Channel, ...] = ()  # made on first use, on that call's event loop
+        self._channels: tuple[_Channel, ...] = ()  # made on first use, on that call's event loop
         self._stubs_of_loop: tuple[OrderServiceStub, ...] = ()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
@@ -343,7 +364,7 @@ class OrderClient:
         loop = asyncio.get_running_loop()
         if self._loop is None:
             config = _keepalive_config(self.keepalive)
-            self._channels = tuple(Channel(host, port, ssl=self._ssl, config=config) for host, port in self._addresses)
+            self._channels = tuple(_Channel(host, port, ssl=self._ssl, config=config) for host, port in self._addresses)
             if self._token is not None:
                 for channel in self._channels:
                     listen(channel, SendRequest, add_token(self._token))  # every call, unary and streaming
@@ -376,7 +397,7 @@ class OrderClient:
             return
         self._closing.set()
         for channel in self._channels:
-            channel.close()
+            channel.shut()
 
     async def _pause_unless_closed(self, seconds: float) -> None:
         """Wait ``seconds`` before a retry, or until the client is closed."""

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from server_process import ServerProcess, free_port
 from test_shutdown import write_lock
+from test_stream import eventually
 
 from orders import (
     Aborted,
@@ -691,6 +692,29 @@ def test_a_client_closed_after_its_event_loop_ended_does_not_raise():
         asyncio.run(call())  # its connection stays open
         client.close()
         assert client.closed
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 5])
+async def test_closing_while_a_call_and_a_watch_are_still_connecting_ends_both_and_their_connection(server, steps):
+    """The first call opens the connection; a close ``steps`` event-loop steps later, while that is under way,
+    fails the call and ends the watch, rather than leave them running on a connection nobody closes."""
+    client = OrderClient(f"127.0.0.1:{server.port}")
+    updates: list[StatusUpdate] = []
+
+    async def watch() -> None:
+        async for update in client.watch(after_sequence=0, heartbeat_seconds=1, heartbeats=True):
+            updates.append(update)
+
+    call = asyncio.create_task(client.get(str(uuid.uuid4())))  # NOT_FOUND, should it reach the server
+    watching = asyncio.create_task(watch())
+    for _ in range(steps):
+        await asyncio.sleep(0)
+    client.close()
+    with pytest.raises(Unavailable, match="the client was closed while the call was in flight"):
+        await asyncio.wait_for(call, 5)
+    await asyncio.wait_for(watching, 5)  # ended, without an error
+    assert updates == []
+    await eventually(lambda: len(server._connections) == 0, "the server to see the connection closed")
 
 
 async def test_closing_ends_watches_fails_calls_in_flight_and_refuses_new_ones(server):
