@@ -156,10 +156,12 @@ def _as_error(exc: BaseException, *, tls_hint: bool) -> OrderError:
         )
     if isinstance(exc, _MALFORMED_REPLY):
         return Internal(f"the server's reply broke the gRPC protocol: {exc}")
-    if isinstance(exc, StreamTerminatedError) and str(exc) == _CONNECTION_LOST:
-        if tls_hint:  # what a TLS server does with a plaintext client: it drops the connection without a word
-            return Unavailable(f"cannot reach the server: {exc} (if the server serves TLS, connect with TLS)")
-        return Unavailable(f"the connection to the server was lost mid-call ({exc}); it may or may not have had effect")
+    if isinstance(exc, StreamTerminatedError):  # the call's stream had been opened: its request may have arrived
+        # dropped before the server said anything: what a TLS server does with a plaintext client, too
+        hint = " (if the server serves TLS, connect with TLS)" if tls_hint and str(exc) == _CONNECTION_LOST else ""
+        return Unavailable(
+            f"the connection to the server was lost mid-call ({exc}); it may or may not have had effect{hint}"
+        )
     return Unavailable(f"cannot reach the server: {exc}")
 
 

@@ -60,7 +60,9 @@ class OutOfRange(OrderError):
 
 
 class Unavailable(OrderError):
-    """The server is draining or its database is unreachable; safe to retry."""
+    """The server is draining or cannot use its database, or the connection to it failed: retry later or on
+    another server. A call that was under way may have taken effect (the message says so): retry a create
+    with the same ``request_id``, a status change with its ``expected_version``."""
 
     code = "UNAVAILABLE"
 
