@@ -46,6 +46,7 @@ import socket
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import TypeVar
 
 from grpclib.client import Channel
@@ -86,7 +87,7 @@ R = TypeVar("R")
 log = logging.getLogger(__name__)
 
 DEFAULT_TARGET = "localhost:50051"
-_HOST = re.compile(r"\[[\w:.%]+\]|[\w.:-]+")  # a name, an IPv4 address, or an IPv6 one (in brackets)
+_HOST = re.compile(r"\[[\w:.%]+\]|[\w.-]+")  # a name, an IPv4 address, or an IPv6 one (in brackets)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +97,7 @@ class Item:
 
     product_name: str
     quantity: int
-    price: float
+    price: float | Decimal
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ class RetryPolicy:
 def parse_target(target: str) -> tuple[str, int]:
     """Split ``host:port`` (``[v6]:port`` for IPv6) into host and port."""
     host, sep, port = target.rpartition(":")
-    if not (sep and port.isdigit() and 0 < int(port) < 65536 and _HOST.fullmatch(host)):
+    if not (sep and port.isascii() and port.isdigit() and 0 < int(port) < 65536 and _HOST.fullmatch(host)):
         raise ValueError(f"target must look like host:port (port 1-65535), got {target!r}")
     return host.strip("[]"), int(port)
 
@@ -131,7 +132,9 @@ def parse_target(target: str) -> tuple[str, int]:
 def parse_targets(targets: str | Sequence[str]) -> tuple[str, ...]:
     """The targets in ``"h1:1,h2:2"`` or ``["h1:1", "h2:2"]``, stripped, each checked by :func:`parse_target`."""
     listed = targets.split(",") if isinstance(targets, str) else list(targets)
-    if not listed or not all(isinstance(t, str) for t in listed):
+    if not all(isinstance(t, str) for t in listed):
+        raise TypeError(f"targets must be a str or a sequence of str, got {targets!r}")
+    if not listed:
         raise ValueError(f"targets must be one or more host:port strings, got {targets!r}")
     cleaned = tuple(t.strip() for t in listed)
     for target in cleaned:
@@ -232,7 +235,7 @@ def _keepalive_config(silence: float | None) -> Configuration | None:
     )
 
 
-def _order_item(item: Item | tuple[str, int, float]) -> OrderItem:
+def _order_item(item: Item | tuple[str, int, float | Decimal]) -> OrderItem:
     if isinstance(item, Item):
         return OrderItem(product_name=item.product_name, quantity=item.quantity, price=item.price)
     if isinstance(item, tuple) and len(item) == 3:
@@ -411,9 +414,9 @@ class OrderClient:
 
     async def create(
         self,
-        items: Iterable[Item | tuple[str, int, float]],
+        items: Iterable[Item | tuple[str, int, float | Decimal]],
         *,
-        total_amount: float = 0.0,
+        total_amount: float | Decimal = 0.0,
         currency_code: str = "",
         request_id: str | None = None,
         timeout: float | None = None,
@@ -474,7 +477,7 @@ class OrderClient:
 
     async def list(
         self, *, statuses: Iterable[OrderStatus] = (), page_size: int = 0, timeout: float | None = None
-    ) -> AsyncIterator[Order]:
+    ) -> AsyncGenerator[Order, None]:
         """Every order (optionally only in ``statuses``), oldest first, fetching pages as needed."""
         wanted = list(statuses)
         token = ""
@@ -548,7 +551,7 @@ class OrderClient:
         heartbeats: bool = False,
         reconnect: bool = True,
         give_up_after: float | None = 60.0,
-    ) -> AsyncIterator[StatusUpdate]:
+    ) -> AsyncGenerator[StatusUpdate, None]:
         """Status updates for ``order_ids`` (empty = all orders), oldest first, forever.
 
         ``after_sequence`` None means live only; N replays every retained update after N first.

@@ -909,12 +909,19 @@ async def test_a_change_with_expected_version_is_resent_only_if_it_never_left(se
         [],
         ["a:1", ""],
         ["a:1", "b:2,c:3"],
-        ["a:1", 2],
-        ("a:1", None),
+        "a:\u00b2",  # a digit, not an ASCII one
+        "::1:5",  # IPv6 without its brackets: [::1]:5
     ],
 )
 def test_invalid_target_lists_are_refused_up_front(targets):
     with pytest.raises(ValueError, match="target"):
+        OrderClient(targets)
+
+
+@pytest.mark.database_free
+@pytest.mark.parametrize("targets", [["a:1", 2], ("a:1", None), b"a:1"])
+def test_targets_of_the_wrong_type_are_a_type_error(targets):
+    with pytest.raises(TypeError, match="targets must be a str or a sequence of str"):
         OrderClient(targets)
 
 
