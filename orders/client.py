@@ -475,11 +475,20 @@ class OrderClient:
         request = ListOrdersRequest(page_size=page_size, page_token=page_token, statuses=list(statuses))
         return await self._unary(lambda stub: stub.list_orders, request, timeout, retry=True)
 
-    async def list(
+    def list(
         self, *, statuses: Iterable[OrderStatus] = (), page_size: int = 0, timeout: float | None = None
     ) -> AsyncGenerator[Order, None]:
-        """Every order (optionally only in ``statuses``), oldest first, fetching pages as needed."""
+        """Every order (optionally only in ``statuses``), oldest first, fetching pages as needed; orders
+        created meanwhile come too, at the end. Arguments are checked at once, before any page is fetched."""
         wanted = list(statuses)
+        check_request(ListOrdersRequest(page_size=page_size, statuses=wanted))
+        _check_timeout(timeout)
+        self._check_open()
+        return self._list(wanted, page_size, timeout)
+
+    async def _list(
+        self, wanted: list[OrderStatus], page_size: int, timeout: float | None
+    ) -> AsyncGenerator[Order, None]:
         token = ""
         while True:
             page = await self.list_page(statuses=wanted, page_size=page_size, page_token=token, timeout=timeout)
@@ -542,7 +551,7 @@ class OrderClient:
 
     # --- streaming -------------------------------------------------------------------------------
 
-    async def watch(
+    def watch(
         self,
         order_ids: Iterable[str] = (),
         *,
@@ -570,18 +579,31 @@ class OrderClient:
         cursor to resume later should save these as well: while its orders are quiet, the log's retention
         would otherwise overtake a cursor taken from their last update (OUT_OF_RANGE on resuming). The first
         heartbeat also tells that the server has registered the watch: every change from then on will come.
+
+        Arguments are checked at once, before the watch is iterated.
         """
         if isinstance(order_ids, str):
             raise TypeError("order_ids must be an iterable of order ids, not a str: watch([order_id]) for one order")
         _check_seconds(give_up_after, "give_up_after", none_means="keep trying", zero=True)
         ids = list(order_ids)
-        cursor = after_sequence
+        check_request(
+            OrderStatusStreamRequest(order_ids=ids, after_sequence=after_sequence, heartbeat_seconds=heartbeat_seconds)
+        )
+        self._check_open()
+        return self._watch(ids, after_sequence, heartbeat_seconds, heartbeats, reconnect, give_up_after)
 
+    async def _watch(
+        self,
+        ids: list[str],
+        cursor: int | None,
+        heartbeat_seconds: int,
+        heartbeats: bool,
+        reconnect: bool,
+        give_up_after: float | None,
+    ) -> AsyncGenerator[StatusUpdate, None]:
         def request() -> OrderStatusStreamRequest:  # resuming after the cursor
             return OrderStatusStreamRequest(order_ids=ids, after_sequence=cursor, heartbeat_seconds=heartbeat_seconds)
 
-        check_request(request())
-        self._check_open()
         loop = asyncio.get_running_loop()
         silence_limit = SILENT_HEARTBEATS * heartbeat_seconds if heartbeat_seconds > 0 else None
         failing_since: float | None = None  # when the failures in a row began

@@ -604,6 +604,25 @@ async def test_arguments_the_wire_would_change_are_refused_before_anything_is_se
     assert [o async for o in client.list()] == [order], "no order was created, changed or cancelled"
 
 
+@pytest.mark.database_free
+async def test_watch_and_list_check_their_arguments_when_called_not_when_first_iterated():
+    async with OrderClient(f"127.0.0.1:{free_port()}") as client:  # nothing listens: nothing is sent
+        with pytest.raises(TypeError, match="not a str"):
+            client.watch(str(uuid.uuid4()))
+        with pytest.raises(ValueError, match="give_up_after"):
+            client.watch(give_up_after=-1)
+        with pytest.raises(InvalidArgument, match="after_sequence"):
+            client.watch(after_sequence=2**64)
+        with pytest.raises(InvalidArgument, match="page_size"):
+            client.list(page_size=2**31)
+        with pytest.raises(ValueError, match="timeout"):
+            client.list(timeout=-1)
+    with pytest.raises(RuntimeError, match="closed"):
+        client.watch()
+    with pytest.raises(RuntimeError, match="closed"):
+        client.list()
+
+
 async def test_amounts_may_be_decimals(server, client):
     order = await client.create([Item("Book", 3, decimal.Decimal("19.99"))], total_amount=decimal.Decimal("59.97"))
     assert order.total_amount == 59.97
