@@ -195,13 +195,7 @@ class Output:
         self.as_json = as_json
 
     def _emit(self, message: betterproto2.Message, text: str) -> None:
-        line = json.dumps(message.to_dict(include_default_values=True)) if self.as_json else text
-        try:
-            print(line, flush=True)
-        except BrokenPipeError:
-            raise
-        except OSError as exc:  # e.g. a full disk
-            raise OutputFailed(str(exc)) from exc
+        say(json.dumps(message.to_dict(include_default_values=True)) if self.as_json else text)
 
     def order(self, order: Order) -> None:
         """Print an order in full."""
@@ -214,6 +208,17 @@ class Output:
     def update(self, update: StatusUpdate) -> None:
         """Print one status update, or a heartbeat (no order id)."""
         self._emit(update, format_update(update) if update.order_id else f"seq={update.sequence} heartbeat")
+
+
+def say(line: str) -> None:
+    """Print a line of a command's output at once; OutputFailed if it cannot be written (a full disk). A
+    reader gone away (``| head -1``) is BrokenPipeError, which ends the command quietly."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise OutputFailed(str(exc)) from exc
 
 
 def print_error(error: OrderError) -> None:
@@ -310,7 +315,7 @@ async def demo_target(target: str | None, token: str | None = None) -> AsyncIter
     with tempfile.TemporaryDirectory(prefix="orders-demo-") as tmpdir:
         config = ServerConfig(port=0, db=f"sqlite:///{tmpdir}/orders.db", grace=1.0, token=token)
         async with OrderServer(config) as embedded:
-            print(f"Started an embedded server on port {embedded.port} (database {config.db})", flush=True)
+            say(f"Started an embedded server on port {embedded.port} (database {config.db})")
             yield f"127.0.0.1:{embedded.port}"
 
 
@@ -336,9 +341,9 @@ class DemoWatch:
             if not update.order_id:
                 if self.live_from is None:
                     self.live_from = update.sequence
-                    print(f"  [watch] live: the server's event log is at sequence {update.sequence}", flush=True)
+                    say(f"  [watch] live: the server's event log is at sequence {update.sequence}")
             else:
-                print(f"  [watch] {format_update(update, short=True)}", flush=True)
+                say(f"  [watch] {format_update(update, short=True)}")
                 self.seen += 1
             self._progress.set()
 
@@ -378,7 +383,7 @@ class DemoWatch:
 
 def step(title: str) -> None:
     """Narrate the next demo step."""
-    print(f"\n== {title}", flush=True)
+    say(f"\n== {title}")
 
 
 async def expect_error(call: Awaitable[object]) -> None:
@@ -386,7 +391,7 @@ async def expect_error(call: Awaitable[object]) -> None:
     try:
         await call
     except OrderError as error:
-        print(f"  refused as expected: {error.code}: {error.message}", flush=True)
+        say(f"  refused as expected: {error.code}: {error.message}")
     else:
         raise DemoFailed("the server accepted a request it should have refused")
 
@@ -411,9 +416,10 @@ async def run_demo(client: OrderClient) -> None:
     token = ""
     for number in (1, 2):  # two pages at most, so a busy --target server does not flood the screen
         page = await client.list_page(page_size=2, page_token=token)
-        print(f"  page {number}: {len(page.orders)} orders, more pages: {'yes' if page.next_page_token else 'no'}")
+        count = f"{len(page.orders)} order{'' if len(page.orders) == 1 else 's'}"
+        say(f"  page {number}: {count}, more pages: {'yes' if page.next_page_token else 'no'}")
         for order in page.orders:
-            print(f"    {format_order_summary(order)}")
+            say(f"    {format_order_summary(order)}")
         token = page.next_page_token
         if not token:
             break
@@ -427,17 +433,17 @@ async def run_demo(client: OrderClient) -> None:
         step("CreateOrder again with the same request_id: the original order, not a new one")
         retried = await client.create(laptop_items, request_id=laptop_key)
         same = retried.id == laptop.id
-        print(f"  returned order {retried.id} (same as the first: {same}), status {retried.status.name}")
-        print("  the same request_id with different items:")
+        say(f"  returned order {retried.id} (same as the first: {same}), status {retried.status.name}")
+        say("  the same request_id with different items:")
         await expect_error(client.create([Item("Laptop", 2, 1000.00)], request_id=laptop_key))
 
         step("ListOrders with a status filter (auto-paging)")
         async for order in client.list(statuses=[OrderStatus.DELIVERED, OrderStatus.CANCELLED], page_size=2):
             if order.id in ids:
-                print(f"    {format_order_summary(order)}")
+                say(f"    {format_order_summary(order)}")
     finally:
         await watch.stop()
-    print(f"\nDemo finished: the watch printed {watch.seen} status updates as they happened.", flush=True)
+    say(f"\nDemo finished: the watch printed {watch.seen} status updates as they happened.")
 
 
 async def run_status_changes(
@@ -448,7 +454,7 @@ async def run_status_changes(
     for status in (OrderStatus.CONFIRMED, OrderStatus.SHIPPED, OrderStatus.DELIVERED):
         order = await client.update_status(laptop.id, status, expected_version=laptop.version)
         laptop = order
-        print(f"  {short_id(order.id)} is now {order.status.name} (version {order.version})", flush=True)
+        say(f"  {short_id(order.id)} is now {order.status.name} (version {order.version})")
         await watch.wait_for_echo()
 
     step("UpdateOrderStatus: an illegal transition (PENDING -> DELIVERED)")
@@ -459,7 +465,7 @@ async def run_status_changes(
 
     step("CancelOrder: the keyboard order")
     cancelled = await client.cancel(keyboard.id)
-    print(f"  {short_id(cancelled.id)} is now {cancelled.status.name} (version {cancelled.version})", flush=True)
+    say(f"  {short_id(cancelled.id)} is now {cancelled.status.name} (version {cancelled.version})")
     await watch.wait_for_echo()
 
 

@@ -36,7 +36,7 @@ from orders.storage import DatabaseUnusable
 from orders.storage_threads import Storage
 from orders.workers import supervise
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("orders.server")  # not __name__: also under `python -m orders.server`, where that is __main__
 
 AFTER_GRACE = 0.5  # seconds each step of a shutdown still gets once the grace period is used up
 LINGER = 0.2  # seconds a drained server keeps refusing calls before it closes the connections
@@ -204,8 +204,13 @@ def tune_garbage_collection() -> None:
 
 
 def announce(port: int) -> None:
-    """The startup line: printed (and flushed) once the server accepts connections."""
-    print(f"Server started on port {port}", flush=True)
+    """The startup line: printed (and flushed) once the server accepts connections. A server that cannot
+    say so (standard output closed, a full disk) exits with one line saying why."""
+    try:
+        print(f"Server started on port {port}", flush=True)
+    except OSError as exc:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (nor at exit, where Python flushes it again)
+        raise SystemExit(f"orders serve: cannot write the startup line to standard output: {exc}") from None
 
 
 async def serve(config: ServerConfig, on_started: Callable[[int], None] = announce) -> None:
@@ -272,7 +277,7 @@ def run(config: ServerConfig) -> None:
     configure_logging(config.log_level, config.log_format)
     if config.workers > 1:
         asyncio.run(prepare_database(config))
-        sys.exit(supervise(config))
+        sys.exit(supervise(config, announce))
     asyncio.run(serve(config))
 
 

@@ -31,7 +31,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
@@ -46,11 +46,14 @@ BEAT_INTERVAL = 1.0  # seconds between a worker's beats to the supervisor
 # that writes through the other workers, waiting for the write lock a hung worker may hold, finish in theirs.
 SILENCE_LIMIT = 5.0
 STOP_MARGIN = 5.0  # seconds a worker gets to exit after SIGTERM beyond --grace, before SIGKILL
+LONGEST_JOIN = 3600.0  # seconds of one wait for a process to end (poll(2) takes at most 24 days; --grace more)
 PR_SET_PDEATHSIG = 1  # Linux prctl(2): the signal this process gets when its parent dies
 
 
-def supervise(config: ServerConfig) -> int:
-    """Run ``config.workers`` worker processes until SIGTERM/SIGINT; the exit code for the supervisor."""
+def supervise(config: ServerConfig, on_started: Callable[[int], None]) -> int:
+    """Run ``config.workers`` worker processes until SIGTERM/SIGINT, calling ``on_started`` with the port once
+    they all accept connections; the exit code for the supervisor. Should anything fail (``on_started``
+    included), the workers are stopped before the error goes on."""
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited loop or threads
     stopping = False
 
@@ -70,11 +73,25 @@ def supervise(config: ServerConfig) -> int:
         if not all(_ready(worker) for worker in workers):
             _stop_all([worker.process for worker in workers], STOP_MARGIN)
             return 1
-    print(f"Server started on port {port}", flush=True)
-    while not stopping:
+    try:
+        on_started(port)
+        _look_after(workers, context, config, lambda: stopping)
+    finally:
+        exit_code = _stop_all([worker.process for worker in workers], config.grace + STOP_MARGIN)
+    return exit_code
+
+
+def _look_after(
+    workers: list[_Worker],
+    context: multiprocessing.context.SpawnContext,
+    config: ServerConfig,
+    stopping: Callable[[], bool],
+) -> None:
+    """Until ``stopping()``: replace each worker that exits, and kill (then replace) each that falls silent."""
+    while not stopping():
         multiprocessing.connection.wait([w.process.sentinel for w in workers] + _open_pipes(workers), timeout=0.2)
         for index, worker in enumerate(workers):
-            if stopping:
+            if stopping():
                 break
             silent_for = worker.listen()
             if worker.process.exitcode is None and silent_for > SILENCE_LIMIT:
@@ -88,7 +105,6 @@ def supervise(config: ServerConfig) -> int:
                 replacement = _start(context, config, index)
                 if _ready(replacement):
                     workers[index] = replacement
-    return _stop_all([worker.process for worker in workers], config.grace + STOP_MARGIN)
 
 
 @dataclasses.dataclass
@@ -156,7 +172,8 @@ def _stop_all(processes: list[BaseProcess], patience: float) -> int:
             process.terminate()
     deadline = time.monotonic() + patience
     for process in processes:
-        process.join(max(0.0, deadline - time.monotonic()))
+        while process.exitcode is None and (left := deadline - time.monotonic()) > 0:
+            process.join(min(left, LONGEST_JOIN))
         if process.exitcode is None:
             log.error("%s (pid %s) still running %.0f s after SIGTERM; killing it", process.name, process.pid, patience)
             process.kill()

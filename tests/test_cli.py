@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 import trustme
@@ -549,6 +550,41 @@ def test_output_that_cannot_be_written_is_one_error_line(target: str) -> None:
     assert result.stderr == "error: cannot write the output: [Errno 28] No space left on device\n", result.stderr
 
 
+@pytest.mark.database_free
+def test_a_demo_whose_output_cannot_be_written_is_one_error_line() -> None:
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([ORDERS, "demo"], stdout=full, stderr=subprocess.PIPE, text=True, timeout=TIMEOUT)
+    assert result.returncode == 1
+    assert result.stderr == "error: cannot write the output: [Errno 28] No space left on device\n", result.stderr
+
+
+@pytest.mark.database_free
+@pytest.mark.parametrize("workers", [[], ["--workers", "2"]], ids=["one process", "two workers"])
+@pytest.mark.parametrize("stdout", ["a full disk", "a closed pipe"])
+def test_a_server_that_cannot_print_its_startup_line_exits_saying_so(
+    tmp_path: Path, workers: list[str], stdout: str
+) -> None:
+    """Whoever started it waits for that line; rather than serve unannounced (or, as it did, exit 0 without
+    a word on a closed pipe, or keep its workers running and ignore SIGTERM), it stops and says why."""
+    port = free_port()
+    command = [ORDERS, "serve", "--port", str(port), "--db", f"sqlite:///{tmp_path / 'orders.db'}", *workers]
+    with contextlib.ExitStack() as closing:
+        if stdout == "a full disk":
+            output: int | IO[str] = closing.enter_context(open("/dev/full", "w"))
+            error = "[Errno 28] No space left on device"
+        else:
+            read_end, output = os.pipe()
+            os.close(read_end)
+            closing.callback(os.close, output)
+            error = "[Errno 32] Broken pipe"
+        result = subprocess.run(command, stdout=output, stderr=subprocess.PIPE, text=True, timeout=TIMEOUT)
+    assert result.returncode == 1
+    assert result.stderr.endswith(f"orders serve: cannot write the startup line to standard output: {error}\n")
+    assert "Traceback" not in result.stderr, result.stderr
+    with socket.socket() as probe:  # nothing is left serving on the port
+        assert probe.connect_ex(("127.0.0.1", port)) != 0
+
+
 def test_watch_without_reconnecting_still_moves_on_from_a_refused_target(target: str) -> None:
     created = create(target, "Drum:1:99.00")
     refused = f"127.0.0.1:{free_port()}"
@@ -590,7 +626,7 @@ def test_demo_exercises_every_rpc_with_a_live_watch() -> None:
     assert "Started an embedded server on port" in out
     for rpc in ("CreateOrder", "GetOrder", "ListOrders", "UpdateOrderStatus", "CancelOrder", "OrderStatusStream"):
         assert f"== {rpc}" in out, rpc
-    assert "page 1: 2 orders" in out and "page 2: 1 orders" in out
+    assert "page 1: 2 orders" in out and "page 2: 1 order," in out
     assert "refused as expected: FAILED_PRECONDITION" in out
     assert "(same as the first: True)" in out
     assert re.search(r"^  \[watch\] live: the server's event log is at sequence [1-9]\d*$", out, re.MULTILINE)

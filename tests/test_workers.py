@@ -174,6 +174,14 @@ async def test_a_supervisor_told_to_stop_kills_a_hung_worker_after_the_grace_per
             os.kill(victim, signal.SIGKILL)
 
 
+async def test_a_grace_period_longer_than_any_wait_still_lets_the_supervisor_stop(tmp_path: Path, database_url: str):
+    """A wait in the kernel cannot last 10**20 s; the workers, idle, stop at once anyway."""
+    server = ServerProcess(tmp_path, database_url, args=["--workers", str(WORKERS), "--grace", "1e20"])
+    await server.start()
+    assert await server.stop() == 0
+    assert "Traceback" not in server.log.read_text()
+
+
 async def test_a_second_workers_server_on_a_taken_port_fails_instead_of_sharing_it(
     tmp_path: Path, database_url: str
 ) -> None:
