@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +34,10 @@ def check_database_url(url: str) -> None:
     if not url:
         raise ValueError(f"no database given: {_ANY_DATABASE}")
     if not parts.scheme:
-        raise ValueError(f"the database is given as a URL: for the SQLite file {url} give sqlite:///{url}")
+        shown = redacted(url)
+        if "//" in url:  # postgresql//host/db: a URL with its colon missing, not a file name
+            raise ValueError(f"{shown} is not a URL (no scheme: is a ':' missing?): {_ANY_DATABASE}")
+        raise ValueError(f"the database is given as a URL: for the SQLite file {shown} give sqlite:///{shown}")
     if parts.scheme not in DATABASE_SCHEMES:
         raise ValueError(f"{parts.scheme}:// is not a database this server runs on: {_ANY_DATABASE}")
     if parts.scheme == "sqlite":
@@ -49,21 +53,27 @@ def check_database_url(url: str) -> None:
         raise ValueError(f"{redacted(url)}: {exc}") from None
     if parts.path.strip("/") == "":
         raise ValueError(f"{redacted(url)} names no database: add it, as in postgresql://user@host:5432/dbname")
+    if not parts.netloc and "@" in parts.path:  # postgresql:/user:password@host/db, a slash short
+        raise ValueError(f"{redacted(url)} has a user in its path: give postgresql://user@host:5432/dbname")
 
 
 def redacted(url: str) -> str:
     """``url`` with its password, if any, replaced by ``***`` (in the user part or a ``password=``
-    parameter): fit for logs, error messages and help texts. A text that is no URL at all is not shown."""
+    parameter): fit for logs, error messages and help texts. A text that is no URL at all is not shown.
+    So is any ``user:secret@`` in a URL mistyped (``postgresql//user:secret@host``, a colon short)."""
     try:
         parts = urllib.parse.urlsplit(url)
     except ValueError:  # e.g. an unclosed "[": where a password would be cannot be told
         return "(not a URL; not shown)"
     query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
     if parts.password is None and all(name != "password" for name, _ in query):
-        return url  # as given: urlsplit's round trip would drop the empty host of sqlite:////abs/path
+        return _USER_AND_SECRET.sub(r"\1:***@", url)  # as given: urlsplit's round trip drops sqlite:////'s host
     netloc = parts.netloc if parts.password is None else parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     hidden = [(name, "***" if name == "password" else value) for name, value in query]
     return parts._replace(netloc=netloc, query=urllib.parse.urlencode(hidden, safe="*")).geturl()
+
+
+_USER_AND_SECRET = re.compile(r"([^\s:/@]+):[^\s/@]+@")
 
 
 def _option(
