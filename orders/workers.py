@@ -70,9 +70,10 @@ def supervise(config: ServerConfig, on_started: Callable[[int], None]) -> int:
             raise SystemExit(f"orders serve: cannot listen: {exc}") from None
         config = dataclasses.replace(config, port=port)
         workers = [_start(context, config, index) for index in range(config.workers)]
-        if not all(_ready(worker) for worker in workers):
+        failures = [failure for worker in workers if (failure := _ready(worker)) is not None]
+        if failures:  # the same reason, most likely, for every worker: said once
             _stop_all([worker.process for worker in workers], STOP_MARGIN)
-            return 1
+            raise SystemExit(failures[0])
     try:
         on_started(port)
         _look_after(workers, context, config, lambda: stopping)
@@ -103,8 +104,11 @@ def _look_after(
                 worker.beats.close()
                 time.sleep(RESTART_DELAY)
                 replacement = _start(context, config, index)
-                if _ready(replacement):
+                failure = _ready(replacement)
+                if failure is None:
                     workers[index] = replacement
+                else:
+                    log.error("%s", failure)
 
 
 @dataclasses.dataclass
@@ -146,22 +150,26 @@ def _start(context: multiprocessing.context.SpawnContext, config: ServerConfig, 
     return _Worker(process, receive)
 
 
-def _ready(worker: _Worker) -> bool:
-    """Wait for the worker to report that it listens; False if it exited or timed out first."""
+def _ready(worker: _Worker) -> str | None:
+    """Wait for the worker to report that it listens: None once it has; else why it did not start (its own
+    one-line start-up error, or that it exited or timed out first)."""
     process, ready = worker.process, worker.beats
+    reason = None
     if not ready.poll(START_TIMEOUT):  # still starting: give up on it
         _stop_all([process], STOP_MARGIN)
     else:
         try:
-            ready.recv()
-            worker.heard = time.monotonic()
-            return True
-        except EOFError:  # it is exiting before it was ready; its own error goes to stderr
+            report = ready.recv()
+        except EOFError:  # it is exiting before it was ready, without a word
             pass
+        else:
+            if isinstance(report, int):  # its port: it listens
+                worker.heard = time.monotonic()
+                return None
+            reason = report
     ready.close()
     process.join()
-    log.error("worker %s did not start (exit code %s)", process.name, process.exitcode)
-    return False
+    return reason or f"orders serve: worker {process.name} did not start (exit code {process.exitcode})"
 
 
 def _stop_all(processes: list[BaseProcess], patience: float) -> int:
@@ -194,7 +202,13 @@ def _worker(config: ServerConfig, ready: multiprocessing.connection.Connection, 
         _beat(ready, asyncio.get_running_loop())
 
     with ready:
-        asyncio.run(serve(config, on_started=started))
+        try:
+            asyncio.run(serve(config, on_started=started))
+        except SystemExit as refusal:  # a one-line start-up error: the supervisor says it, once for all workers
+            if not isinstance(refusal.code, str):
+                raise
+            ready.send(refusal.code)
+            sys.exit(1)
     sys.exit(0)
 
 
