@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import importlib.metadata
 import json
 import math
 import os
@@ -546,9 +547,13 @@ def add_security_options(parser: argparse.ArgumentParser, *, ca_file_from_enviro
     )
 
 
+EXPECTED_VERSION_HELP = "apply only if the order is at this version (default 0: any version)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole ``orders`` command line."""
     parser = argparse.ArgumentParser(prog="orders", description="The orders gRPC service: server, demo and client.")
+    parser.add_argument("--version", action="version", version=f"orders {importlib.metadata.version('orders')}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = client_options()
 
@@ -600,11 +605,11 @@ def build_parser() -> argparse.ArgumentParser:
     update = client_command("update", cmd_update, "change an order's status")
     update.add_argument("id", help="order id")
     update.add_argument("status", type=status_arg, metavar="STATUS", help=f"one of {', '.join(STATUS_CHOICES)}")
-    update.add_argument("--expected-version", type=int64_arg, default=0, help="apply only to this version")
+    update.add_argument("--expected-version", type=int64_arg, default=0, help=EXPECTED_VERSION_HELP)
 
     cancel = client_command("cancel", cmd_cancel, "cancel an order")
     cancel.add_argument("id", help="order id")
-    cancel.add_argument("--expected-version", type=int64_arg, default=0, help="apply only to this version")
+    cancel.add_argument("--expected-version", type=int64_arg, default=0, help=EXPECTED_VERSION_HELP)
 
     listing = client_command("list", cmd_list, "list orders, oldest first")
     listing.add_argument(

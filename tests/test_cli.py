@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import os
 import re
@@ -556,6 +557,12 @@ def test_output_that_cannot_be_written_is_one_error_line(target: str) -> None:
         )
     assert result.returncode == 1
     assert result.stderr == "error: cannot write the output: [Errno 28] No space left on device\n", result.stderr
+
+
+@pytest.mark.database_free
+def test_version() -> None:
+    result = orders("--version")
+    assert result.returncode == 0 and result.stdout == f"orders {importlib.metadata.version('orders')}\n"
 
 
 @pytest.mark.database_free
