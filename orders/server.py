@@ -246,8 +246,12 @@ async def serve(config: ServerConfig, on_started: Callable[[int], None] = announ
 
 
 def configure_logging(level: str, log_format: str = "text") -> None:
-    """Log to stderr at ``level``: text lines, or (``json``) one JSON object per line."""
+    """Log to stderr at ``level``: text lines, or (``json``) one JSON object per line. Below ``debug``,
+    grpclib's own notes on calls cancelled or out of time are left out (its warnings and errors are not):
+    the access log already has a line for every call, with its code."""
     logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if level != "debug":
+        logging.getLogger("grpclib.server").setLevel(max(logging.WARNING, logging.getLogger().level))
     if log_format == "json":
         use_json_logging()
 

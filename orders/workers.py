@@ -75,7 +75,8 @@ def supervise(config: ServerConfig, on_started: Callable[[int], None]) -> int:
             _stop_all([worker.process for worker in workers], STOP_MARGIN)
             raise SystemExit(failures[0])
     try:
-        on_started(port)
+        if not stopping:  # told to stop while the workers started: they never served, so say nothing
+            on_started(port)
         _look_after(workers, context, config, lambda: stopping)
     finally:
         exit_code = _stop_all([worker.process for worker in workers], config.grace + STOP_MARGIN)

@@ -450,6 +450,7 @@ async def test_json_log_has_one_access_line_per_call_with_method_code_peer_and_r
         assert re.fullmatch(r"127\.0\.0\.1:\d+", entry["peer"]), entry
         assert isinstance(entry["duration_ms"], float) and entry["duration_ms"] >= 0, entry
     assert sorted(e["request_id"] for e in access) == sorted(calls), "exactly one access line per call"
+    assert [e for e in entries if e["logger"].startswith("grpclib")] == []  # nor grpclib's own on the cancelled one
     for entry in access:
         assert (entry["method"], entry["code"]) == calls[entry["request_id"]], entry
     for entry in entries:
