@@ -70,7 +70,11 @@ class OrderServer:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.storage = Storage(config.db, retention_events=config.retention_events)
+        # First what can refuse the configuration (SecurityConfigError): nothing has started yet.
+        token_guard = TokenGuard(config.token) if config.token is not None else None
+        # Built now, so unreadable or mismatched files fail before anything starts.
+        self._ssl = server_ssl_context(config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key else None
+        self.storage = Storage(config.db, retention_events=config.retention_events)  # starts its threads
         siblings_unannounced = config.workers > 1 and not self.storage.is_postgresql
         self.feed = new_feed(self.storage, SQLITE_SIBLING_POLL_INTERVAL if siblings_unannounced else POLL_INTERVAL)
         self.service = OrderService(self.storage, self.feed)
@@ -82,11 +86,9 @@ class OrderServer:
         for reflection in handlers[len(services) :]:  # list the reflection services too, as grpcio servers do
             reflection._service_names = [*reflection._service_names, *_REFLECTION_SERVICES]
         guards: list[CallGuard] = []  # admission: auth, limits
-        if config.token is not None:  # first, so no other guard spends anything on an unauthenticated call
-            guards.append(TokenGuard(config.token))
+        if token_guard is not None:  # first, so no other guard spends anything on an unauthenticated call
+            guards.append(token_guard)
         keep_headers_out_of_logs()  # clients may send tokens even when this server wants none
-        # Built now, so unreadable or mismatched files fail before anything starts.
-        self._ssl = server_ssl_context(config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key else None
         self.stream_limits = StreamLimits(config.max_watchers, config.max_streams_per_connection)
         guards += [self.stream_limits, MessageSizeLimit(config.max_message_bytes)]
         observers: list[CallObserver] = [log_access_json if config.log_format == "json" else log_access]
@@ -115,9 +117,13 @@ class OrderServer:
         """Open the database, start serving, and return the port actually bound.
 
         Raises DatabaseUnusable, or OSError when a port cannot be listened on; either way what had
-        started is stopped again.
+        started is stopped again (the storage threads too).
         """
-        await self.storage.open()
+        try:
+            await self.storage.open()
+        except DatabaseUnusable:
+            await self.storage.close(timeout=AFTER_GRACE)
+            raise
         try:
             await self.feed.start()
             self._commit_listener = self.storage.listen_for_commits(self.feed.notify)
@@ -226,7 +232,6 @@ async def serve(config: ServerConfig, on_started: Callable[[int], None] = announ
     try:
         await order_server.start()
     except DatabaseUnusable as exc:
-        await order_server.storage.close(timeout=AFTER_GRACE)
         raise _unusable(config, exc) from None
     except OSError as exc:  # the port is taken, or the host is not an address of this machine
         raise SystemExit(f"orders serve: cannot listen: {exc}") from None

@@ -6,16 +6,21 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
+import threading
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from orders import InvalidArgument, Item, OrderClient, Unauthenticated
+from orders import InvalidArgument, Item, OrderClient, Unauthenticated, domain, wire
 from orders._proto.orders.v1 import CreateOrderRequest
+from orders.auth import SecurityConfigError
 from orders.client import parse_target
+from orders.domain import Status
+from orders.storage import DatabaseUnusable, open_database
 from orders.testing import (
     OrderStateMachine,
     create_requests,
@@ -28,8 +33,8 @@ from orders.testing import (
 )
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-STRATEGY_SETTINGS = settings(
-    max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+STRATEGY_SETTINGS = settings(  # derandomized: the same examples in every run, so a rule left out is always seen
+    max_examples=300, deadline=None, database=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
 )
 
 
@@ -65,14 +70,42 @@ async def test_the_request_strategies_keep_their_promises_on_a_real_server() -> 
         async def accepted(request: CreateOrderRequest) -> None:
             await client.create(items_of(request), currency_code=request.currency_code)
 
+        refusals: set[str] = set()
+
         async def refused(request: CreateOrderRequest) -> None:
-            with pytest.raises(InvalidArgument):
+            with pytest.raises(InvalidArgument) as refusal:
                 await client.create(
-                    items_of(request), total_amount=request.total_amount, currency_code=request.currency_code
+                    items_of(request),
+                    total_amount=request.total_amount,
+                    currency_code=request.currency_code,
+                    request_id=request.request_id or None,
                 )
+            refusals.add(next((rule for rule in RULES if rule in refusal.value.message), refusal.value.message))
 
         await for_each_example(create_requests(), accepted)
         await for_each_example(invalid_create_requests(), refused)
+        assert refusals == set(RULES), set(RULES) ^ refusals  # every rule broken, and none other
+
+
+# What the server's refusal says, for each validation rule of a create (see the README's error table).
+RULES = (
+    "needs at least one item",
+    "at most 1,000 items",
+    "product_name must not be empty",
+    "product_name is",  # ... characters; at most 200
+    "has nothing visible",
+    "product_name must not contain",
+    "quantity must be between",
+    "price must be a finite number",
+    "must not be negative",
+    "must be a whole number of cents",
+    "price must be at most",
+    "exceeds the maximum",
+    "currency_code must be",
+    "does not match the sum",
+    "request_id may have at most",
+    "request_id must not contain",
+)
 
 
 @pytest.mark.database_free
@@ -95,6 +128,83 @@ async def test_running_server_picks_its_own_port() -> None:
     with pytest.raises(TypeError, match="free port"):
         async with running_server(port=50051):
             pass
+
+
+def shipped_as_if_from_pending(event: domain.StatusEvent) -> wire.Reply:
+    """A broken server's update: SHIPPED said to come from PENDING (only the model can tell)."""
+    return ORIGINAL_STATUS_UPDATE(event._replace(previous=Status.PENDING) if event.status == Status.SHIPPED else event)
+
+
+def items_without_prices(order: domain.Order) -> bytes:
+    """A broken server's stored order: every item at price 0 (the total kept)."""
+    return ORIGINAL_ENCODE_ORDER(order._replace(items=tuple(i._replace(price_cents=0) for i in order.items)))
+
+
+ORIGINAL_STATUS_UPDATE, ORIGINAL_ENCODE_ORDER = wire.status_update, wire.encode_order
+
+
+@pytest.mark.database_free  # a SQLite file per example: about the model only
+@pytest.mark.parametrize(
+    ("name", "broken", "says"),
+    [
+        ("status_update", shipped_as_if_from_pending, "the events the watch received"),
+        ("encode_order", items_without_prices, "(id, status, version, items"),
+    ],
+)
+def test_the_state_machine_finds_a_server_that_breaks_the_model(
+    monkeypatch: pytest.MonkeyPatch, name: str, broken: Callable[..., object], says: str
+) -> None:
+    """It takes orders all the way along the state machine and checks every field of every reply, so even a
+    server wrong only about shipped orders, or about item prices, fails it, with what it expected."""
+    monkeypatch.setattr(wire, name, broken)
+    machine = OrderStateMachine.TestCase
+    machine.settings = settings(  # found, not shrunk: the message is what is under test
+        OrderStateMachine.TestCase.settings, max_examples=100, database=None, derandomize=True, phases=[Phase.generate]
+    )
+    with pytest.raises(AssertionError, match=re.escape(says)):
+        machine().runTest()
+
+
+@pytest.mark.database_free
+@pytest.mark.parametrize("option", ["workers", "log_level", "log_format"])
+async def test_running_server_refuses_what_only_orders_serve_does(option: str) -> None:
+    with pytest.raises(TypeError, match=f"one server in this process; it takes no {option}"):
+        async with running_server(**{option: 2 if option == "workers" else "info"}):
+            pass
+
+
+@pytest.mark.database_free
+@pytest.mark.parametrize("start", ["a bad token", "a file that is no database"])
+async def test_a_server_that_fails_to_start_leaves_no_thread_behind(tmp_path: Path, start: str) -> None:
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not a database" * 100)
+    before = set(threading.enumerate())
+    with pytest.raises((SecurityConfigError, DatabaseUnusable)):
+        if start == "a bad token":
+            async with serve(token="has space"):
+                pass
+        else:
+            async with running_server(f"sqlite:///{garbage}"):
+                pass
+    for _ in range(200):  # told to stop, the storage threads end within moments
+        if set(threading.enumerate()) == before:
+            return
+        await asyncio.sleep(0.01)
+    assert set(threading.enumerate()) == before
+
+
+@pytest.mark.postgresql_only
+def test_temporary_database_on_a_server_reached_by_its_socket(database_url: str) -> None:
+    """``postgresql:///test``: no host, so the local socket; a URL round trip would make it postgresql:/test."""
+    socket_url = f"postgresql:///{urllib.parse.urlsplit(database_url).path.lstrip('/')}?user=postgres"
+    with temporary_database(socket_url) as url:
+        assert re.fullmatch(r"postgresql:///orders_test_\w+\?user=postgres", url), url
+        database = open_database(url)
+        try:
+            name = urllib.parse.urlsplit(url).path.lstrip("/")
+            assert database.execute_sql("SELECT current_database()").fetchone()[0] == name
+        finally:
+            database.close()
 
 
 async def test_serve_with_a_token_makes_the_server_require_it() -> None:
