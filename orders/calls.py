@@ -228,13 +228,16 @@ class CallMiddleware:
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._streams: set[asyncio.Task[Any]] = set()  # the tasks of the server-streaming calls running now
+        self._streams_ended = False  # set by end_streams()
 
     def install(self, server: Server) -> None:
         """Wrap every method handler of ``server`` (grpclib keeps them by path in ``_mapping``); call before
         it starts. Wrapping each handler once costs a call nothing; a ``RecvRequest`` listener would build
         an event object and a wrapper per call."""
         server._mapping = {
-            path: handler._replace(func=self._wrapped(path, handler.func)) for path, handler in server._mapping.items()
+            path: handler._replace(func=self._wrapped(path, handler.func, handler.cardinality.server_streaming))
+            for path, handler in server._mapping.items()
         }
 
     def refuse_new_calls(self) -> None:
@@ -255,7 +258,17 @@ class CallMiddleware:
             return False
         return True
 
-    def _wrapped(self, method: str, handler: Handle) -> Handle:
+    async def end_streams(self, timeout: float) -> None:
+        """Wait up to ``timeout`` s for the server-streaming calls to end (told to, as the server stops), then
+        cancel those still running: each ends with UNAVAILABLE at once. What keeps one is mostly a client
+        that stopped reading (HTTP/2 flow control); it would otherwise hold the shutdown for all of --grace."""
+        if self._streams:
+            await asyncio.wait(set(self._streams), timeout=timeout)
+        self._streams_ended = True
+        for task in self._streams:
+            task.cancel()
+
+    def _wrapped(self, method: str, handler: Handle, streaming: bool) -> Handle:
         async def handle(stream: Stream[Any, Any]) -> None:
             started = time.perf_counter()
             metadata = stream.metadata
@@ -266,6 +279,10 @@ class CallMiddleware:
             releases: list[Release] = []
             self._in_flight += 1
             self._idle.clear()
+            if streaming:
+                task = asyncio.current_task()
+                assert task is not None  # a call's handler runs in a task of its own
+                self._streams.add(task)
             try:
                 if self.draining:
                     raise GRPCError(Status.UNAVAILABLE, "the server is shutting down; retry on another server or later")
@@ -282,6 +299,13 @@ class CallMiddleware:
                 code = exc.code
                 raise GRPCError(Status[exc.code], clip_status_message(exc.message)) from None
             except asyncio.CancelledError:
+                if streaming and self._streams_ended:  # cancelled by the shutdown, after the others ended
+                    code = "UNAVAILABLE"
+                    raise GRPCError(
+                        Status.UNAVAILABLE,
+                        "the server shut down before this stream ended; reconnect to another server or later "
+                        "(OrderStatusStream: with after_sequence = the last sequence received, heartbeats count)",
+                    ) from None
                 if not self._grace_over:  # the client went away, or its deadline passed
                     code = "CANCELLED"
                     raise
@@ -299,6 +323,8 @@ class CallMiddleware:
                     Status.INTERNAL, f"internal server error; the server log has details under request id {request_id}"
                 ) from None
             finally:
+                if streaming:
+                    self._streams.discard(task)
                 for release in releases:
                     release()
                 self._in_flight -= 1

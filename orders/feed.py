@@ -406,7 +406,10 @@ class Feed(Generic[T]):
             catching_up = True
             while True:
                 if watcher.closed:
-                    raise Unavailable(f"the server is shutting down; reconnect with after_sequence={cursor}")
+                    # Sent everything up to the head, a stream may resume from there, as from a heartbeat.
+                    up_to_date = not (catching_up or watcher.lagged or watcher.pending)
+                    resume = max(self.head, cursor) if up_to_date else cursor
+                    raise Unavailable(f"the server is shutting down; reconnect with after_sequence={resume}")
                 if catching_up:
                     payloads, last, first = await self._read_page(cursor, query.order_ids)
                     # Retention may have pruned events this stream still needs: it ends rather than skip them.

@@ -40,6 +40,7 @@ log = logging.getLogger("orders.server")  # not __name__: also under `python -m 
 
 AFTER_GRACE = 0.5  # seconds each step of a shutdown still gets once the grace period is used up
 LINGER = 0.2  # seconds a drained server keeps refusing calls before it closes the connections
+STREAM_END_WAIT = 1.0  # seconds the streams get to end as told, before those stuck (a client not reading) are ended
 # How often the feed reads the event log for commits made by other processes. PostgreSQL announces them
 # (LISTEN/NOTIFY), so the poll is only a safety net; SQLite has no such signal, so sibling workers poll
 # often: one indexed read of the log's tail.
@@ -159,7 +160,8 @@ class OrderServer:
         self._server._server.close()  # stop accepting connections
         self._calls.refuse_new_calls()  # before the streams end: a client told to reconnect must not get in
         self.health.drain()
-        await self.feed.close()
+        await self.feed.close()  # the order streams end (with UNAVAILABLE and where to resume)...
+        await self._calls.end_streams(min(STREAM_END_WAIT, self.config.grace))  # ... or are ended
         if self._commit_listener is not None:
             self._commit_listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):

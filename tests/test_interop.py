@@ -358,6 +358,34 @@ def test_stream_replays_from_after_sequence_zero_then_goes_live(stub: Any, pb: S
         resumed.cancel()
 
 
+def test_a_stream_whose_client_stopped_reading_ends_at_once_on_shutdown_and_says_how_to_resume(
+    pb: SimpleNamespace, backend: str, tmp_path: Path
+) -> None:
+    """Stuck on HTTP/2 flow control (a 1 KiB window, never read), it cannot end as told like the others: the
+    server ends it after a moment instead of holding SIGTERM up for all of --grace (10 s), and the client
+    reads what it was sent, without a gap, then UNAVAILABLE saying how to resume."""
+    with temporary_database() as db:
+        process, port, log_path = start_server(tmp_path, db)
+        small_window = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=small_window) as channel:
+            stub = pb.grpc.OrderServiceStub(channel)
+            for _ in range(300):
+                create(stub, pb)
+            updates = stub.OrderStatusStream(pb.pb2.OrderStatusStreamRequest(after_sequence=0), timeout=60)
+            received = [next(updates).sequence]  # and then nothing more is read until the server has gone
+            time.sleep(0.5)
+            signalled = time.monotonic()
+            stop_server(process, log_path)
+            assert time.monotonic() - signalled < 5, "the stream held the shutdown up"
+            with pytest.raises(grpc.RpcError) as ended:
+                received += [update.sequence for update in updates]
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "reconnect" in ended.value.details() and "after_sequence = the last sequence received" in (
+        ended.value.details()
+    ), ended.value.details()
+    assert received == list(range(1, len(received) + 1)) and len(received) < 300, received
+
+
 def test_stream_without_after_sequence_is_live_only(stub: Any, pb: SimpleNamespace) -> None:
     order = create(stub, pb)
     request = pb.pb2.OrderStatusStreamRequest(order_ids=[order.id], heartbeat_seconds=1)

@@ -602,7 +602,8 @@ async def test_server_shutdown_ends_streams_with_unavailable(database_url):
             await open_watch(server, stub, OrderStatusStreamRequest(after_sequence=0, heartbeat_seconds=30)),
             await open_watch(server, stub, OrderStatusStreamRequest(order_ids=[order.id])),
         ]
-        await watches[1].wait_for_sequence(1)
+        await create(stub, "Another")  # sequence 2: not for the third watch, which has been sent all it needs
+        await watches[1].wait_for_sequence(2)
         started = time.monotonic()
         await asyncio.wait_for(server.stop(), 8)
         stopped = True
@@ -611,7 +612,8 @@ async def test_server_shutdown_ends_streams_with_unavailable(database_url):
             error = await watch.ended()
             assert isinstance(error, GRPCError), repr(error)
             assert error.status == Status.UNAVAILABLE, error
-            assert error.message
+            # where to resume: the head, as a heartbeat would say (a quiet filtered stream too: not 1)
+            assert error.message == "the server is shutting down; reconnect with after_sequence=2", error.message
         assert server.feed.watcher_count == 0
     finally:
         channel.close()
