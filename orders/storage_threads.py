@@ -167,10 +167,11 @@ class DatabaseThread:
         """Log the first batch that fails with Unavailable (the database's failure, not a call's), and the
         first that does not after that: once per outage, not once per call. Log every corrupt part of the
         database met, once per batch."""
+        errors = [error for _, _, error in outcomes if error is not None]  # seldom any
         if self.log_outages:
-            for corruption in {id(error): error for _, _, error in outcomes if isinstance(error, DataLoss)}.values():
+            for corruption in {id(error): error for error in errors if isinstance(error, DataLoss)}.values():
                 log.error("%s", corruption.message)
-        failure = next((error for _, _, error in outcomes if isinstance(error, Unavailable)), None)
+        failure = next((error for error in errors if isinstance(error, Unavailable)), None)
         if self.log_outages and (failure is not None) != self._failing:
             if failure is not None:
                 log.warning("database calls on %s fail: %s", self._thread.name, failure.message)
