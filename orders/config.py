@@ -147,7 +147,9 @@ class ServerConfig:
         parse=_optional_port,
     )
     max_message_bytes: int = _option(4 * MIB, "largest request message accepted (RESOURCE_EXHAUSTED above)")
-    max_watchers: int = _option(10_000, "open OrderStatusStream calls allowed in all (RESOURCE_EXHAUSTED above)")
+    max_watchers: int = _option(
+        10_000, "open OrderStatusStream calls allowed in all, in each --workers process (RESOURCE_EXHAUSTED above)"
+    )
     max_streams_per_connection: int = _option(100, "open OrderStatusStream calls allowed per connection")
     retention_events: int = _option(0, "keep only the newest N status events in the log (0 keeps all)")
     workers: int = _option(1, "server processes sharing the port and the database (SO_REUSEPORT)")
