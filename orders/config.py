@@ -148,9 +148,10 @@ class ServerConfig:
     )
     max_message_bytes: int = _option(4 * MIB, "largest request message accepted (RESOURCE_EXHAUSTED above)")
     max_watchers: int = _option(
-        10_000, "open OrderStatusStream calls allowed in all, in each --workers process (RESOURCE_EXHAUSTED above)"
+        10_000,
+        "open OrderStatusStream calls allowed in all, in each --workers process (RESOURCE_EXHAUSTED above; 0: none)",
     )
-    max_streams_per_connection: int = _option(100, "open OrderStatusStream calls allowed per connection")
+    max_streams_per_connection: int = _option(100, "open OrderStatusStream calls allowed per connection (0: none)")
     retention_events: int = _option(0, "keep only the newest N status events in the log (0 keeps all)")
     workers: int = _option(1, "server processes sharing the port and the database (SO_REUSEPORT)")
 
@@ -172,7 +173,9 @@ class ServerConfig:
                 raise ValueError(f"--metrics-port {self.metrics_port} takes port {self.port}, which --port serves")
         if not (math.isfinite(self.grace) and self.grace >= 0):
             raise ValueError(f"--grace must be 0 or more seconds, not {self.grace}")
-        for name in ("max_message_bytes", "max_watchers", "max_streams_per_connection", "retention_events"):
+        if self.max_message_bytes < 1:  # 0 would refuse every request that says anything
+            raise ValueError(f"--max-message-bytes must be 1 or more, not {self.max_message_bytes}")
+        for name in ("max_watchers", "max_streams_per_connection", "retention_events"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, not {getattr(self, name)}")
 

@@ -419,7 +419,7 @@ def test_serve_prints_started_line_and_exits_0_on_sigterm(database_url: str) -> 
         (["--port", "50999", "--metrics-port", "50999"], "--metrics-port 50999 takes port 50999"),
         (["--grace", "nan"], "--grace must be 0 or more seconds"),
         (["--max-watchers", "-1"], "--max-watchers must be 0 or more"),
-        (["--max-message-bytes", "-1"], "--max-message-bytes must be 0 or more"),
+        (["--max-message-bytes", "0"], "--max-message-bytes must be 1 or more, not 0"),
         (["--log-level", "verbose"], "argument --log-level: 'verbose' is not one of debug, info, warning, error"),
         (["--workers", "0"], "--workers must be 1 or more"),
         (["--tls-cert", "cert.pem"], "--tls-cert and --tls-key go together"),
