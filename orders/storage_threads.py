@@ -47,6 +47,10 @@ MAX_BATCH = 256  # jobs per batch: per transaction on the writer
 # (15 s); the schema upgrade at start-up is not watched.
 STALL_TIMEOUT = 20.0
 STALL_CHECK_INTERVAL = 1.0  # seconds between checks for a stalled batch
+# Seconds without a failed batch before a thread that logged an outage logs that its calls work again: some
+# calls may fail while others work (the event log's reads notice a swapped SQLite file, lookups do not), and
+# the log should say "fail" once and "work again" once, not once each per batch.
+RECOVERY_QUIET = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +85,8 @@ class DatabaseThread:
         self._waiting: set[asyncio.Future[Any]] = set()  # the callers' futures, until each is answered
         self._busy_since: float | None = None  # time.monotonic() when the running batch started
         self.stalled = False  # set by fail_if_stalled, cleared as the stalled batch ends
-        self._failing = False  # whether the last batch failed with Unavailable (logged once per outage)
+        self._failing = False  # whether an outage was logged and its end not yet (see _log_outage)
+        self._failed_at = 0.0  # time.monotonic() of the last batch that failed with Unavailable
         self.log_outages = False  # whether to log them: not while starting (that error is the message) or closing
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
@@ -165,19 +170,22 @@ class DatabaseThread:
 
     def _log_outage(self, outcomes: list[Outcome]) -> None:
         """Log the first batch that fails with Unavailable (the database's failure, not a call's), and the
-        first that does not after that: once per outage, not once per call. Log every corrupt part of the
-        database met, once per batch."""
+        first that does not once none has for RECOVERY_QUIET seconds: once per outage, not once per call.
+        Log every corrupt part of the database met, once per batch."""
         errors = [error for _, _, error in outcomes if error is not None]  # seldom any
         if self.log_outages:
             for corruption in {id(error): error for error in errors if isinstance(error, DataLoss)}.values():
                 log.error("%s", corruption.message)
         failure = next((error for error in errors if isinstance(error, Unavailable)), None)
-        if self.log_outages and (failure is not None) != self._failing:
-            if failure is not None:
+        now = time.monotonic()
+        if failure is not None:
+            if self.log_outages and not self._failing:
                 log.warning("database calls on %s fail: %s", self._thread.name, failure.message)
-            else:
+            self._failing, self._failed_at = True, now
+        elif self._failing and now - self._failed_at >= RECOVERY_QUIET:
+            if self.log_outages:
                 log.info("database calls on %s work again", self._thread.name)
-        self._failing = failure is not None
+            self._failing = False
 
     def _run_batch(self, batch: list[_Job]) -> list[Outcome]:
         outcomes: list[Outcome] = []
@@ -312,12 +320,20 @@ def call_translating_errors(database: peewee.Database, fn: Callable[P, R], *args
 
 
 def translated(error: Exception) -> Exception:
-    """``error``; or DataLoss for a corrupt database, Unavailable for one that cannot be reached or is locked."""
+    """``error``; or DataLoss for a corrupt database, Unavailable for one that cannot be reached or is locked,
+    or whose tables are gone."""
     cause = _behind_the_rollback(error)
-    if _corrupt(_driver_error(cause)):
+    driver_error = _driver_error(cause)
+    if _corrupt(driver_error):
         return DataLoss(
             f"the database is corrupt ({cause}); retrying will not help: the server's operator must restore it "
             "from a backup"
+        )
+    if _schema_missing(driver_error):
+        reason = " ".join(str(cause).split())  # one line: PostgreSQL's spans several
+        return Unavailable(
+            f"the database has lost the server's tables ({reason}): it was dropped or replaced while the server "
+            "ran; the server's operator must restore it, or restart the server to start on an empty one"
         )
     if isinstance(error, UNAVAILABLE_DATABASE):
         return Unavailable(f"the database is unavailable ({cause}); retry later")
@@ -326,6 +342,7 @@ def translated(error: Exception) -> Exception:
 
 SQLITE_CORRUPTION = {11, 26}  # SQLITE_CORRUPT ("database disk image is malformed"), SQLITE_NOTADB
 POSTGRESQL_CORRUPTION = {"XX001", "XX002"}  # data_corrupted, index_corrupted
+POSTGRESQL_UNDEFINED = {"42P01", "42703"}  # undefined_table, undefined_column
 
 
 # A database that cannot be reached, is locked, or failed to read or write its files. peewee translates what
@@ -349,6 +366,13 @@ def _corrupt(driver_error: BaseException | None) -> bool:
     if sqlite_code is not None:
         return sqlite_code & 0xFF in SQLITE_CORRUPTION  # the primary code of an extended one
     return getattr(driver_error, "sqlstate", None) in POSTGRESQL_CORRUPTION
+
+
+def _schema_missing(driver_error: BaseException | None) -> bool:
+    """Whether the driver's error says a table or column the server made is not there."""
+    if isinstance(driver_error, sqlite3.OperationalError):
+        return str(driver_error).startswith(("no such table", "no such column"))
+    return getattr(driver_error, "sqlstate", None) in POSTGRESQL_UNDEFINED
 
 
 def _behind_the_rollback(error: BaseException) -> BaseException:

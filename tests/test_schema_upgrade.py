@@ -9,9 +9,12 @@ creation times that no query read: a server opening such a database drops it, an
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
-from orders import AlreadyExists, Item, OrderClient, OrderStatus
+import pytest
+from server_process import ServerProcess
+
+from orders import AlreadyExists, Item, OrderClient, OrderStatus, RetryPolicy, Unavailable
 from orders.storage import KEY_TIME_INDEX, SCHEMA_VERSION, DatabaseUnusable, Repository, open_database
 from orders.testing import serve
 
@@ -93,3 +96,37 @@ def test_a_database_of_a_newer_schema_is_refused(database_url: str) -> None:
             Repository(database).migrate()
     finally:
         database.close()
+
+
+async def test_tables_dropped_under_a_running_server_are_unavailable_saying_so_without_a_traceback(
+    tmp_path: Path, database_url: str
+) -> None:
+    """A database dropped and made again empty (or its tables dropped) while the server runs: every call
+    that needs the tables is UNAVAILABLE saying what happened and what the operator can do, not INTERNAL
+    with a traceback in the log for each; the outage is logged once."""
+    server = ServerProcess(tmp_path, database_url)
+    await server.start()
+    try:
+        async with OrderClient(server.target, retry=RetryPolicy(attempts=1)) as client:
+            order = await client.create([Item("widget", 1, 1.0)])
+            database = open_database(database_url)
+            try:
+                for table in ("order_item", "status_event", "idempotency_key", "order"):
+                    database.execute_sql(f'DROP TABLE "{table}"')
+            finally:
+                database.close()
+            gone = r"the database has lost the server's tables \(.*(no such table|does not exist).*restart the server"
+            for call in (
+                lambda: client.get(order.id),
+                lambda: client.create([Item("widget", 1, 1.0)]),
+                lambda: client.cancel(order.id),
+                lambda: client.list_page(),
+            ):
+                for _ in range(2):
+                    with pytest.raises(Unavailable, match=gone):
+                        await call()
+        log = server.log.read_text()
+        assert "Traceback" not in log and "INTERNAL" not in log, log
+        assert log.count("database calls on orders-db-writer fail: the database has lost the server's tables") == 1
+    finally:
+        await server.kill()

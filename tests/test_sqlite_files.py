@@ -23,6 +23,7 @@ from server_process import ServerProcess
 from test_postgresql import wait_for_health
 
 from orders import DataLoss, Item, OrderClient, RetryPolicy, Unavailable
+from orders.storage_threads import RECOVERY_QUIET
 from orders.testing import running_server
 
 pytestmark = pytest.mark.database_free  # about SQLite files only: run once
@@ -40,6 +41,26 @@ def replaced_by_a_copy(path: Path) -> None:
     copy = path.with_name("copy.db")
     shutil.copyfile(path, copy)  # what a restore from a backup leaves
     os.replace(copy, path)
+
+
+async def test_a_swapped_file_is_logged_once_though_lookups_go_on_working(tmp_path: Path) -> None:
+    """The event log's reads notice the swap and fail, while lookups of orders on the same thread still
+    read the files the server has open: the log says that calls fail once, not once each time both met."""
+    path = tmp_path / "orders.db"
+    server = ServerProcess(tmp_path, f"sqlite:///{path}")
+    await server.start()
+    try:
+        async with OrderClient(server.target) as client:
+            order = await client.create([Item("Before", 1, 1.0)])
+            deleted(path)
+            for _ in range(40):  # over several of the event log's polls (4 a second)
+                assert (await client.get(order.id)).id == order.id
+                await asyncio.sleep(0.05)
+        log = server.log.read_text()
+        assert log.count("database calls on orders-db-reader fail: the database is unavailable (orders.db was") == 1
+        assert "database calls on orders-db-reader work again" not in log, log
+    finally:
+        await server.kill()
 
 
 @pytest.mark.parametrize("swap", [deleted, wal_deleted, replaced_by_a_copy])
@@ -86,6 +107,9 @@ async def test_writes_to_files_that_cannot_grow_fail_saying_why_and_the_server_l
             assert all("disk I/O error" in message for message in failures), failures
             resource.prlimit(server.process.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
             assert len((await client.create(big)).items) == 100
+            assert "work again" not in server.log.read_text()  # said once writes have worked for a while
+            await asyncio.sleep(RECOVERY_QUIET)
+            await client.create(big)
         log = server.log.read_text()
         assert log.count("database calls on orders-db-writer fail: the database is unavailable (disk I/O") == 1, log
         assert "database calls on orders-db-writer work again" in log, log
