@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import ssl
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -140,7 +141,33 @@ def server_ssl_context(cert_file: str | os.PathLike[str], key_file: str | os.Pat
             f"cannot use --tls-cert {cert!r} with --tls-key {key!r}: they must be a PEM certificate chain and"
             f" its matching unencrypted PEM private key ({exc.reason or exc})"
         ) from None
+    _check_current(cert)
     return context
+
+
+def _check_current(cert: str) -> None:
+    """SecurityConfigError if the certificate (the chain's first) has expired or is not valid yet: every
+    client that verifies it would refuse the server, so it serves nobody."""
+    decode = getattr(ssl._ssl, "_test_decode_cert", None)  # type: ignore[attr-defined]  # CPython's decoder
+    if decode is None:
+        return
+    fields = decode(cert)
+    not_before, not_after = (ssl.cert_time_to_seconds(fields[name]) for name in ("notBefore", "notAfter"))
+    now = time.time()
+    if now > not_after:
+        problem = f"expired on {_utc(not_after)}"
+    elif now < not_before:
+        problem = f"is not valid until {_utc(not_before)}"
+    else:
+        return
+    raise SecurityConfigError(
+        f"the TLS certificate (--tls-cert) {cert!r} {problem}: clients that verify it refuse every connection;"
+        " give a current one"
+    )
+
+
+def _utc(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
 
 
 def client_ssl_context(ca_file: str | os.PathLike[str] | None = None) -> ssl.SSLContext:

@@ -19,6 +19,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -75,6 +76,8 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
         other_key=tmp / "other-key.pem",
         encrypted_key=tmp / "encrypted-key.pem",
         garbage=tmp / "garbage.pem",
+        expired=tmp / "expired.pem",
+        not_yet_valid=tmp / "not-yet-valid.pem",
     )
     ca.cert_pem.write_to_path(str(paths.ca))
     server.private_key_and_cert_chain_pem.write_to_path(str(paths.chain))
@@ -90,6 +93,11 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
         )
     )
     paths.garbage.write_text("not a certificate\n")
+    now = datetime.now(UTC)
+    expired = ca.issue_cert("127.0.0.1", not_before=now - timedelta(days=60), not_after=now - timedelta(days=1))
+    expired.private_key_and_cert_chain_pem.write_to_path(str(paths.expired))  # the key, then the chain
+    not_yet_valid = ca.issue_cert("127.0.0.1", not_before=now + timedelta(days=1), not_after=now + timedelta(days=60))
+    not_yet_valid.private_key_and_cert_chain_pem.write_to_path(str(paths.not_yet_valid))
     return paths
 
 
@@ -465,6 +473,8 @@ async def test_a_watch_over_tls_ends_cleanly(
         ("garbage", "key", "must be a PEM certificate chain and its matching unencrypted PEM private key"),
         ("chain", "other_key", "must be a PEM certificate chain and its matching unencrypted PEM private key"),
         ("chain", "encrypted_key", "the TLS private key is encrypted"),
+        ("expired", "expired", "expired on 20"),
+        ("not_yet_valid", "not_yet_valid", "is not valid until 20"),
     ],
 )
 def test_unusable_tls_files_fail_at_startup(
