@@ -284,12 +284,21 @@ async def prepare_database(config: ServerConfig) -> None:
 
 
 def run(config: ServerConfig) -> None:
-    """Serve until SIGINT or SIGTERM: in this process, or with ``--workers N`` in N worker processes."""
+    """Serve until SIGINT or SIGTERM: in this process, or with ``--workers N`` in N worker processes.
+
+    A start-up error is one line on stderr and exit 1; with ``--log-format json``, one JSON log record.
+    """
     configure_logging(config.log_level, config.log_format)
-    if config.workers > 1:
-        asyncio.run(prepare_database(config))
-        sys.exit(supervise(config, announce))
-    asyncio.run(serve(config))
+    try:
+        if config.workers > 1:
+            asyncio.run(prepare_database(config))
+            sys.exit(supervise(config, announce))
+        asyncio.run(serve(config))
+    except SystemExit as refusal:
+        if config.log_format != "json" or not isinstance(refusal.code, str):
+            raise
+        log.error("%s", refusal.code)
+        raise SystemExit(1) from None
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -13,6 +13,8 @@ import logging
 import os
 import re
 import signal
+import socket
+import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -462,6 +464,25 @@ async def test_json_log_has_one_access_line_per_call_with_method_code_peer_and_r
     [failure] = [e for e in entries if e["level"] == "ERROR"]
     assert internal_id in failure["message"]
     assert "Traceback" in failure["exc_info"] and "frozen by ops" in failure["exc_info"]
+
+
+@pytest.mark.database_free
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_startup_error_in_the_json_log_format_is_one_json_record(tmp_path: Path, workers: str) -> None:
+    """What a text log says as one plain line (here: the port is taken) is a JSON record like every other
+    line, so that a log shipper parsing stderr as JSON gets the one line that matters most."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "orders.server", "--port", str(port), "--db", f"sqlite:///{tmp_path}/o.db"]
+        result = subprocess.run(
+            [*command, "--log-format", "json", "--workers", workers], capture_output=True, text=True, timeout=60
+        )
+    assert result.returncode == 1, result.stderr
+    [entry] = parse_json_lines(result.stderr.splitlines())
+    assert entry["level"] == "ERROR" and entry["logger"] == "orders.server", entry
+    assert re.fullmatch(r"orders serve: cannot listen: .*[Aa]ddress already in use.*", entry["message"]), entry
 
 
 async def test_text_log_format_is_unchanged(tmp_path: Path, database_url: str) -> None:
