@@ -24,7 +24,7 @@ from grpclib.server import Server
 
 from orders import _grpclib_fixes  # noqa: F401  (ignore unknown HTTP/2 frame types)
 from orders._proto.google_proto_descriptor_pool import default_google_proto_descriptor_pool
-from orders.auth import SecurityConfigError, TokenGuard, keep_headers_out_of_logs, server_ssl_context
+from orders.auth import SecurityConfigError, TokenGuard, is_loopback, keep_headers_out_of_logs, server_ssl_context
 from orders.calls import CallGuard, CallMiddleware, CallObserver, StrictProtoCodec, log_access
 from orders.config import ServerConfig, add_server_arguments, config_from_args, redacted
 from orders.connections import Connections
@@ -289,6 +289,12 @@ def run(config: ServerConfig) -> None:
     A start-up error is one line on stderr and exit 1; with ``--log-format json``, one JSON log record.
     """
     configure_logging(config.log_level, config.log_format)
+    if config.token is not None and config.tls_cert is None and not is_loopback(config.host):
+        log.warning(
+            "serving %s with a bearer token but without TLS: the clients' token crosses the network in clear "
+            "text; give --tls-cert and --tls-key",
+            config.host,
+        )
     try:
         if config.workers > 1:
             asyncio.run(prepare_database(config))

@@ -36,6 +36,7 @@ from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from grpclib.reflection.v1.reflection_grpc import ServerReflectionStub
 from grpclib.reflection.v1.reflection_pb2 import ServerReflectionRequest
 from multidict import MultiDict
+from server_process import ServerProcess
 from test_cli import ORDERS, assert_fails, stop, wait_for_start
 from test_client import FreezingProxy
 from test_interop import pb  # noqa: F401  (the grpcio stubs fixture, generated once per session)
@@ -500,6 +501,23 @@ def test_the_server_process_reports_unreadable_tls_files_in_one_line(
     assert result.stderr.strip() == (
         f"orders serve: cannot read the TLS certificate (--tls-cert) {str(missing)!r}: No such file or directory"
     )
+
+
+@pytest.mark.database_free
+@pytest.mark.parametrize(("host", "warned"), [("0.0.0.0", True), ("127.0.0.1", False)])
+async def test_a_server_with_a_token_but_no_tls_warns_when_it_serves_a_network(
+    tmp_path: Path, host: str, warned: bool
+) -> None:
+    """As the client warns before sending a token in clear text to another machine. The TLS flags given
+    empty (ORDERS_TLS_CERT=) turn TLS off, so this is the one trace of a mistyped variable."""
+    env = {"ORDERS_TOKEN": TOKEN, "ORDERS_TLS_CERT": "", "ORDERS_TLS_KEY": ""}
+    server = ServerProcess(tmp_path, f"sqlite:///{tmp_path}/orders.db", args=["--host", host], env=env)
+    await server.start()
+    try:
+        warning = f"WARNING orders.server serving {host} with a bearer token but without TLS: the clients' token"
+        assert (warning in server.log.read_text()) is warned, server.log.read_text()
+    finally:
+        await server.kill()
 
 
 # --- the CLI and the grpcio client against a TLS + token server process --------------------------------------
