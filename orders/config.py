@@ -93,7 +93,10 @@ def _optional_str(text: str) -> str | None:
 
 
 def _optional_port(text: str) -> int | None:
-    return int(text) if text else None
+    try:
+        return int(text) if text else None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port value: {text!r}") from None
 
 
 def _token(text: str) -> str:
@@ -109,9 +112,9 @@ def _token(text: str) -> str:
 
 def _one_of(*choices: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
-        if text not in choices:
+        if text.lower() not in choices:
             raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(choices)}")
-        return text
+        return text.lower()
 
     return parse
 
@@ -193,10 +196,26 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         shown = "" if hidden else f"; default: {option.metadata['shown'](default)}"
         parser.add_argument(
             f"--{option.name.replace('_', '-')}",
-            type=option.metadata["parse"] or type(option.default),
+            type=_naming_the_variable(option.metadata["parse"] or type(option.default), env),
             default=default,
             help=f"{option.metadata['help']} ({env}{shown})".replace("%", "%%"),
         )
+
+
+def _naming_the_variable(parse: Callable[[str], Any], env: str) -> Callable[[str], Any]:
+    """``parse``, whose refusal of the value ``env`` holds says so: argparse names only the flag."""
+
+    def parse_naming_it(text: str) -> Any:
+        try:
+            return parse(text)
+        except argparse.ArgumentTypeError as exc:
+            message = str(exc)
+        except (TypeError, ValueError):  # int("abc"): said as argparse would
+            message = f"invalid {parse.__name__} value: {text!r}"
+        source = f" (from {env})" if os.environ.get(env) == text else ""
+        raise argparse.ArgumentTypeError(message + source)
+
+    return parse_naming_it
 
 
 def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ServerConfig:

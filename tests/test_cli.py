@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib.metadata
 import json
@@ -23,6 +24,7 @@ import pytest
 import trustme
 from server_process import free_port
 
+from orders.config import add_server_arguments, config_from_args
 from orders.testing import temporary_database
 
 ORDERS = str(Path(sys.executable).parent / "orders")
@@ -420,7 +422,8 @@ def test_serve_prints_started_line_and_exits_0_on_sigterm(database_url: str) -> 
         (["--grace", "nan"], "--grace must be 0 or more seconds"),
         (["--max-watchers", "-1"], "--max-watchers must be 0 or more"),
         (["--max-message-bytes", "0"], "--max-message-bytes must be 1 or more, not 0"),
-        (["--log-level", "verbose"], "argument --log-level: 'verbose' is not one of debug, info, warning, error"),
+        (["--log-level", "verbose"], "argument --log-level: 'verbose' is not one of debug, info, warning, error\n"),
+        (["--metrics-port", "x"], "argument --metrics-port: invalid port value: 'x'\n"),
         (["--workers", "0"], "--workers must be 1 or more"),
         (["--tls-cert", "cert.pem"], "--tls-cert and --tls-key go together"),
     ],
@@ -434,11 +437,20 @@ def test_serve_flags_that_make_no_server_are_usage_errors_that_say_what_to_give(
 
 
 @pytest.mark.database_free
+def test_log_level_and_format_are_read_in_any_case() -> None:
+    parser = argparse.ArgumentParser()
+    add_server_arguments(parser)
+    config = config_from_args(parser.parse_args(["--log-level", "DEBUG", "--log-format", "Json"]), parser)
+    assert (config.log_level, config.log_format) == ("debug", "json")
+
+
+@pytest.mark.database_free
 @pytest.mark.parametrize(
     ("env", "says"),
     [
-        ({"ORDERS_PORT": "abc"}, "argument --port: invalid int value: 'abc'"),
-        ({"ORDERS_LOG_FORMAT": "xml"}, "argument --log-format: 'xml' is not one of text, json"),
+        ({"ORDERS_PORT": "abc"}, "argument --port: invalid int value: 'abc' (from ORDERS_PORT)"),
+        ({"ORDERS_METRICS_PORT": "x"}, "argument --metrics-port: invalid port value: 'x' (from ORDERS_METRICS_PORT)"),
+        ({"ORDERS_LOG_FORMAT": "xml"}, "--log-format: 'xml' is not one of text, json (from ORDERS_LOG_FORMAT)"),
         ({"ORDERS_TOKEN": ""}, "argument --token: is empty"),
         ({"ORDERS_TOKEN": "a b"}, "argument --token: the bearer token must be non-empty printable ASCII"),
         ({"ORDERS_DB": ""}, "--db: no database given"),
