@@ -44,6 +44,7 @@ import random
 import re
 import socket
 import ssl
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -168,10 +169,12 @@ def _as_error(exc: BaseException, *, tls_hint: bool) -> OrderError:
     return Unavailable(f"cannot reach the server: {exc}")
 
 
-def _heard_from(channel: Channel) -> bool:
-    """Whether anything ever arrived on the channel's latest connection (noted by orders._grpclib_fixes)."""
+def _heard_from(channel: Channel, since: float = -math.inf) -> bool:
+    """Whether anything arrived on the channel's latest connection (ever, or since the ``time.monotonic()``
+    given), as noted by orders._grpclib_fixes."""
     connection = getattr(getattr(channel, "_protocol", None), "connection", None)
-    return getattr(connection, "_orders_last_received", None) is not None
+    last_received = getattr(connection, "_orders_last_received", None)
+    return last_received is not None and last_received >= since
 
 
 def _is_retryable(error: OrderError, exc: BaseException) -> bool:
@@ -302,7 +305,9 @@ class OrderClient:
     that is hung rather than down (a paused process, a network that drops packets) thus fails with
     :class:`orders.errors.Unavailable` within 1.25 times that and is retried on the next target where that
     is safe, instead of waiting out its deadline, and a watch resumes elsewhere. A live server answers
-    pings at once, however long its calls take. None: no pings.
+    pings at once, however long its calls take. None: no pings. A call whose deadline passes before
+    anything at all arrived from its target (a deadline shorter than ``keepalive``) also moves the client
+    on to the next target.
     """
 
     def __init__(
@@ -516,10 +521,13 @@ class OrderClient:
         attempts = max(self.retry.attempts, len(self.targets))
         for attempt in range(1, attempts + 1):
             index = self._current
+            started = time.monotonic()
             try:
                 return await method(self._stubs[index])(request, deadline=deadline)
             except _TRANSPORT_ERRORS as exc:
                 error = self._failed(index, exc)
+                if isinstance(error, DeadlineExceeded) and not _heard_from(self._channels[index], since=started):
+                    self._move_on(index, "heard nothing before the call's deadline")
                 safe = retry or isinstance(exc, _NEVER_SENT)
                 retryable = safe and _is_retryable(error, exc) and attempt < attempts and not self._closed
                 delay = self._pause(attempt)
@@ -538,10 +546,16 @@ class OrderClient:
         if self._closed and not isinstance(exc, GRPCError):
             return Unavailable("the client was closed while the call was in flight")
         error = error or _as_error(exc, tls_hint=not self.tls and not _heard_from(self._channels[index]))
-        if isinstance(error, Unavailable) and self._current == index and len(self.targets) > 1:
-            self._current = (index + 1) % len(self.targets)
-            log.info("%s is unavailable (%s); moving on to %s", self.targets[index], error, self.target)
+        if isinstance(error, Unavailable):
+            self._move_on(index, f"is unavailable ({error})")
         return error
+
+    def _move_on(self, index: int, why: str) -> None:
+        """Have later calls go to the target after ``index`` (unless a concurrent call has already moved the
+        client on, or there is no other)."""
+        if self._current == index and len(self.targets) > 1:
+            self._current = (index + 1) % len(self.targets)
+            log.info("%s %s; moving on to %s", self.targets[index], why, self.target)
 
     def _pause(self, failures: int) -> float:
         """Seconds to wait after ``failures`` failed attempts in a row: none while some target is still

@@ -539,6 +539,35 @@ async def test_a_create_that_failed_carries_its_request_id_so_retrying_it_makes_
         assert [order.id async for order in client.list()] == created
 
 
+async def test_a_call_that_hears_nothing_before_its_deadline_moves_the_client_to_the_next_replica(server):
+    """A deadline shorter than the keepalive ends each call before a ping can tell that the replica is hung
+    (here: a socket that accepts connections and never answers, as a paused server's does); a call that
+    heard nothing at all from it sends the next calls to the next replica, instead of every later call
+    meeting the same end."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        hung, direct = f"127.0.0.1:{silent.getsockname()[1]}", f"127.0.0.1:{server.port}"
+        async with OrderClient([hung, direct], timeout=0.3) as client:
+            with pytest.raises(DeadlineExceeded):
+                await client.create([Item("Book", 1, 10.0)])
+            assert client.target == direct
+            order = await client.create([Item("Book", 1, 10.0)])
+            assert (await client.get(order.id)).id == order.id
+
+
+async def test_a_call_out_of_time_on_a_replica_that_answers_pings_stays_with_it(database_url, no_gc):
+    async with running_server(database_url) as server, running_server(database_url) as other:
+        targets = [f"127.0.0.1:{server.port}", f"127.0.0.1:{other.port}"]
+        async with OrderClient(targets, keepalive=0.2) as client:
+            await client.create([Item("Lamp", 1, 9.99)])  # connected
+            with write_lock(database_url) as release:  # the create reaches the server and waits there
+                with pytest.raises(DeadlineExceeded):
+                    await client.create([Item("Lamp", 1, 9.99)], timeout=0.5)
+                release()
+            assert client.target == targets[0]
+
+
 async def test_a_call_not_safe_to_repeat_fails_with_unavailable_naming_the_unanswered_ping(server, no_gc):
     proxy = FreezingProxy(server.port)
     async with proxy as hung, OrderClient(hung, keepalive=0.5, timeout=10) as client:
