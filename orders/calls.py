@@ -24,7 +24,7 @@ import betterproto2
 from google.protobuf import message_factory
 from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
-from grpclib.const import Status
+from grpclib.const import Cardinality, Handler, Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
 from grpclib.protocol import Peer
@@ -184,6 +184,21 @@ class CallRecord:
 
 Release = Callable[[], None]
 Handle = Callable[[Stream[Any, Any]], Awaitable[None]]  # a grpclib method handler
+MAX_SHOWN_PATH = 200  # characters of an unknown method's path quoted in its error and its log line
+_PRINTABLE_PATH = re.compile(rf"[\x21-\x7e]{{1,{MAX_SHOWN_PATH}}}")
+
+
+class _Handlers(dict[str, Handler]):
+    """The server's method handlers by path, where grpclib looks each call's up (``get``); for any other
+    path, ``unknown(path)`` (grpclib's own refusal reaches no handler: nothing logs or counts it)."""
+
+    def __init__(self, handlers: dict[str, Handler], unknown: Callable[[str], Handler]) -> None:
+        super().__init__(handlers)
+        self._unknown = unknown
+
+    def get(self, path: str, default: Any = None) -> Handler:  # type: ignore[override]
+        handler = super().get(path)
+        return handler if handler is not None else self._unknown(path)
 
 
 class CallGuard(Protocol):
@@ -234,11 +249,22 @@ class CallMiddleware:
     def install(self, server: Server) -> None:
         """Wrap every method handler of ``server`` (grpclib keeps them by path in ``_mapping``); call before
         it starts. Wrapping each handler once costs a call nothing; a ``RecvRequest`` listener would build
-        an event object and a wrapper per call."""
-        server._mapping = {
+        an event object and a wrapper per call. A call of any other method is refused here too."""
+        handlers = {
             path: handler._replace(func=self._wrapped(path, handler.func, handler.cardinality.server_streaming))
             for path, handler in server._mapping.items()
         }
+        server._mapping = _Handlers(handlers, self._unknown_method)
+
+    def _unknown_method(self, path: str) -> Handler:
+        """A handler refusing ``path`` with UNIMPLEMENTED, after the guards (a missing token comes first), so
+        that the call is logged and counted like any other."""
+        shown = path if _PRINTABLE_PATH.fullmatch(path) else ascii(path[:MAX_SHOWN_PATH])
+
+        async def unimplemented(stream: Stream[Any, Any]) -> None:
+            raise GRPCError(Status.UNIMPLEMENTED, f"this server has no method {shown}; reflection lists its methods")
+
+        return Handler(self._wrapped(shown, unimplemented, False), Cardinality.UNARY_UNARY, None, None)
 
     def refuse_new_calls(self) -> None:
         """From now on every new call gets UNAVAILABLE."""

@@ -26,7 +26,6 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
-import grpc
 import pytest
 from grpclib.client import Channel
 from grpclib.const import Cardinality, Status
@@ -37,6 +36,7 @@ from orders._proto.orders.v1 import (
     CancelOrderRequest,
     CreateOrderRequest,
     GetOrderRequest,
+    GetOrderResponse,
     OrderItem,
     OrderServiceStub,
     OrderStatus,
@@ -254,25 +254,31 @@ async def test_metrics_are_off_unless_a_port_is_given() -> None:
         assert server.metrics_port is None and server.metrics is None
 
 
-def _call_unknown_method(port: int) -> grpc.StatusCode:
-    # grpcio, because grpclib's client reports the server's UNIMPLEMENTED reply (no content-type) as UNKNOWN.
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        try:
-            channel.unary_unary(SERVICE + "NoSuchMethod")(b"", timeout=TIMEOUT)
-        except grpc.RpcError as exc:
-            return exc.code()  # type: ignore[attr-defined, no-any-return]
-    raise AssertionError("an unknown method succeeded")
-
-
-async def test_unknown_methods_add_no_label_values() -> None:
-    async with running_server(metrics_port=0) as server:
+async def test_an_unknown_method_is_unimplemented_logged_and_counted_without_a_label_value_of_its_own(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="orders.access")
+    async with running_server(metrics_port=0) as server, channel_to(server.port) as channel:
         assert server.metrics_port is not None
-        assert await asyncio.to_thread(_call_unknown_method, server.port) is grpc.StatusCode.UNIMPLEMENTED
+        for path in (SERVICE + "NoSuchMethod", "/no.such.Service/Method"):
+            request = channel.request(path, Cardinality.UNARY_UNARY, GetOrderRequest, GetOrderResponse, timeout=TIMEOUT)
+            async with request as call:
+                await call.send_message(GetOrderRequest(id=str(uuid.uuid4())), end=True)
+                with pytest.raises(GRPCError) as refused:
+                    await call.recv_message()
+            assert refused.value.status is Status.UNIMPLEMENTED, refused.value
+            assert refused.value.message == f"this server has no method {path}; reflection lists its methods"
         samples = await scrape(server.metrics_port)
+    assert calls_by_method_and_code(samples)[("unknown", "UNIMPLEMENTED")] == 2
     methods = {dict(labels)["method"] for (name, labels) in samples if name.startswith("orders_call")}
-    # Only the methods the server serves (each series created up front), whatever clients ask for.
-    assert methods == set(server._server._mapping)
-    assert all(method.startswith(("/orders.v1.", "/grpc.")) for method in methods), methods
+    # Only the methods the server serves (each series created up front) and "unknown", whatever clients ask for.
+    assert methods == set(server._server._mapping) | {"unknown"}
+    assert all(method.startswith(("/orders.v1.", "/grpc.")) for method in methods - {"unknown"}), methods
+    logged = [r.getMessage() for r in caplog.records if r.name == "orders.access"]
+    assert [line.split(" peer=")[0] for line in logged] == [
+        f"{SERVICE}NoSuchMethod UNIMPLEMENTED",
+        "/no.such.Service/Method UNIMPLEMENTED",
+    ], logged
 
 
 def test_a_method_the_server_does_not_serve_is_counted_as_unknown() -> None:

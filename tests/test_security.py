@@ -29,7 +29,7 @@ import pytest
 import trustme
 from cryptography.hazmat.primitives import serialization
 from grpclib.client import Channel
-from grpclib.const import Status
+from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError
 from grpclib.health.v1.health_grpc import HealthStub
 from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
@@ -214,6 +214,25 @@ async def test_authorization_header_forms(token_server: OrderServer, header: str
         assert caught.value.status is Status.NOT_FOUND
     else:
         assert (caught.value.status, caught.value.message) == (Status.UNAUTHENTICATED, outcome)
+
+
+async def test_an_unknown_method_needs_the_token_before_it_is_refused(token_server: OrderServer) -> None:
+    """Else a client without the token could tell which methods the server has, which reflection keeps
+    from it."""
+    async with Channel("127.0.0.1", token_server.port) as channel:
+        for metadata, expected in (
+            ({}, Status.UNAUTHENTICATED),
+            ({"authorization": f"Bearer {TOKEN}"}, Status.UNIMPLEMENTED),
+        ):
+            for path in (f"/{SERVICE}/DeleteOrder", "/no.such.Service/Method"):
+                request = channel.request(
+                    path, Cardinality.UNARY_UNARY, GetOrderRequest, GetOrderRequest, metadata=metadata, timeout=TIMEOUT
+                )
+                async with request as call:
+                    await call.send_message(GetOrderRequest(id=str(uuid.uuid4())), end=True)
+                    with pytest.raises(GRPCError) as refused:
+                        await call.recv_message()
+                assert refused.value.status is expected, (path, refused.value)
 
 
 async def test_health_is_open_but_reflection_needs_the_token(token_server: OrderServer) -> None:
