@@ -217,10 +217,18 @@ def log_access(record: CallRecord) -> None:
         "%s %s peer=%s request_id=%s %.1fms",
         record.method,
         record.code,
-        record.peer,
+        format_peer(record.peer),
         record.request_id,
         record.duration * 1000,
     )
+
+
+def format_peer(peer: tuple[str, int] | None) -> str | None:
+    """``host:port`` (``[v6]:port`` for IPv6), or None when the peer is unknown."""
+    if peer is None:
+        return None
+    host, port = peer[0], peer[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _address(peer: Peer | None) -> tuple[str, int] | None:

@@ -29,7 +29,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from orders.calls import CallRecord, access_log
+from orders.calls import CallRecord, access_log, format_peer
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +44,6 @@ DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 
 
 # --- structured logging ----------------------------------------------------------------------------------
-
-
-def format_peer(peer: tuple[str, int] | None) -> str | None:
-    """``host:port`` (``[v6]:port`` for IPv6), or None when the peer is unknown."""
-    if peer is None:
-        return None
-    host, port = peer[0], peer[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def access_fields(record: CallRecord) -> dict[str, Any]:
