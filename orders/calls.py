@@ -278,19 +278,24 @@ class CallMiddleware:
         """From now on every new call gets UNAVAILABLE."""
         self.draining = True
 
-    async def drain(self, timeout: float) -> bool:
-        """Refuse new calls with UNAVAILABLE and wait up to ``timeout`` s for the running ones.
+    async def drain(self, timeout: float, *, cut_short: asyncio.Event | None = None) -> bool:
+        """Refuse new calls with UNAVAILABLE and wait up to ``timeout`` s for the running ones, or until
+        ``cut_short`` is set.
 
         On False the caller cancels the calls still running (grpclib's ``Server.close``); each of them
         then ends with UNAVAILABLE rather than a stream reset, since the server goes away.
         """
         self.refuse_new_calls()
+        waits = [asyncio.ensure_future(event.wait()) for event in (self._idle, cut_short) if event is not None]
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            self._grace_over = True
-            return False
-        return True
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        if self._idle.is_set():
+            return True
+        self._grace_over = True
+        return False
 
     async def end_streams(self, timeout: float) -> None:
         """Wait up to ``timeout`` s for the server-streaming calls to end (told to, as the server stops), then

@@ -110,6 +110,7 @@ class OrderServer:
         self._commit_listener: asyncio.Task[None] | None = None  # PostgreSQL LISTEN: other replicas' commits
         self.port = 0
         self.abandoned_database_work = False  # set by stop() when a storage thread would not finish
+        self._hurry = asyncio.Event()  # set by hurry(): the grace period is over
 
     def _update_health(self, _: bool) -> None:
         self.health.set_serving(self.feed.log_readable and not self.storage.stalled)
@@ -153,10 +154,21 @@ class OrderServer:
         self.port = sockets[0].getsockname()[1] if sockets else self.config.port
         return self.port
 
+    def hurry(self) -> None:
+        """End the grace period of the stop under way now: the calls still running are cancelled at once."""
+        if not self._hurry.is_set():
+            log.warning("told again to stop: cancelling the calls still running")
+            self._hurry.set()
+
     async def stop(self) -> None:
-        """Drain: refuse new calls, end streams with UNAVAILABLE, let unary calls finish, close the database."""
+        """Drain: refuse new calls, end streams with UNAVAILABLE, let unary calls finish (for up to --grace
+        seconds, or until :meth:`hurry`), close the database."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.grace
+        grace_ends = loop.time() + self.config.grace
+
+        def grace_left() -> float:
+            return 0.0 if self._hurry.is_set() else max(grace_ends - loop.time(), 0.0)
+
         self._server._server.close()  # stop accepting connections
         self._calls.refuse_new_calls()  # before the streams end: a client told to reconnect must not get in
         self.health.drain()
@@ -166,24 +178,24 @@ class OrderServer:
             self._commit_listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._commit_listener
-        if not await self._calls.drain(self.config.grace):
+        if not await self._calls.drain(grace_left(), cut_short=self._hurry) and not self._hurry.is_set():
             log.warning("calls still running after %.1fs grace; cancelling them", self.config.grace)
         self._server.close()  # cancels the calls still running: each ends with UNAVAILABLE
         await self._calls.drain(AFTER_GRACE)
         # Linger a moment first, so that a call sent just as the last one was answered is refused with
         # UNAVAILABLE (clearly not done, safe to retry) instead of being cut off with its connection.
         if self._connections:
-            await asyncio.sleep(min(LINGER, max(deadline - loop.time(), 0.0)))
+            await asyncio.sleep(min(LINGER, grace_left()))
         # Then close the clients' connections, which a client may keep open forever: since Python 3.12.1
         # asyncio's Server.wait_closed (under grpclib's) waits until every connection has ended.
         self._connections.close_all()
         try:
-            await asyncio.wait_for(self._server.wait_closed(), max(deadline - loop.time(), AFTER_GRACE))
+            await asyncio.wait_for(self._server.wait_closed(), max(grace_left(), AFTER_GRACE))
         except TimeoutError:
             log.warning("connections still open after the grace period; leaving them to the process exit")
         # A cancelled call's database work may still hold a storage thread (a write waiting for another
         # process's lock waits out SQLite's busy timeout): give it what is left of the grace period only.
-        if not await self.storage.close(timeout=max(deadline - loop.time(), AFTER_GRACE)):
+        if not await self.storage.close(timeout=max(grace_left(), AFTER_GRACE)):
             log.warning("database work of cancelled calls still running; abandoning it")
             self.abandoned_database_work = True
         if self.metrics is not None:
@@ -221,12 +233,25 @@ def announce(port: int) -> None:
         raise SystemExit(f"orders serve: cannot write the startup line to standard output: {exc}") from None
 
 
-async def serve(config: ServerConfig, on_started: Callable[[int], None] = announce) -> None:
-    """Run a server until SIGINT or SIGTERM, then shut it down gracefully."""
+async def serve(
+    config: ServerConfig,
+    on_started: Callable[[int], None] = announce,
+    stop_signals: Sequence[signal.Signals] = (signal.SIGINT, signal.SIGTERM),
+) -> None:
+    """Run a server until one of ``stop_signals``, then shut it down gracefully; a second one ends the
+    grace period at once."""
     stop = asyncio.Event()
+    order_server: OrderServer | None = None
+
+    def stop_or_hurry() -> None:
+        """The first signal stops the server gracefully; another (a second Ctrl-C) ends the grace period."""
+        if stop.is_set() and order_server is not None:
+            order_server.hurry()
+        stop.set()
+
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+    for signum in stop_signals:
+        loop.add_signal_handler(signum, stop_or_hurry)
     try:
         order_server = OrderServer(config)
     except SecurityConfigError as exc:  # a bad token, certificate or key: one clear line, no traceback

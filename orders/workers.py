@@ -9,8 +9,9 @@ the event log (PostgreSQL: LISTEN/NOTIFY wakes them at once; SQLite: each polls 
 is also how separate replicas on several machines work.
 
 It prints ``Server started on port N`` once every worker accepts connections; SIGTERM or SIGINT is
-passed on to every worker, each drains as a single server does, and the supervisor exits 0 once all
-have. A worker that dies on its own is replaced, and so is one that hangs: each worker's event loop
+passed on to every worker (as SIGTERM: a worker ignores the SIGINT a Ctrl-C sends the whole process
+group), each drains as a single server does, and the supervisor exits 0 once all have; a second
+signal is passed on too, and ends the workers' grace period at once. A worker that dies on its own is replaced, and so is one that hangs: each worker's event loop
 sends the supervisor a beat every second, and a worker silent for ``SILENCE_LIMIT`` seconds (a blocked
 loop, a stopped process) is killed and replaced, since it would otherwise keep taking its share of new
 connections and answer none. A supervisor killed outright (``kill -9``, the OOM killer) takes its
@@ -56,9 +57,14 @@ def supervise(config: ServerConfig, on_started: Callable[[int], None]) -> int:
     included), the workers are stopped before the error goes on."""
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited loop or threads
     stopping = False
+    workers: list[_Worker] = []
 
     def stop(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
+        if stopping:  # told again (a second Ctrl-C): so is each worker, which then ends its grace period
+            for worker in workers:
+                if worker.process.exitcode is None:
+                    worker.process.terminate()
         stopping = True
 
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -69,7 +75,7 @@ def supervise(config: ServerConfig, on_started: Callable[[int], None]) -> int:
         except OSError as exc:  # the port is taken, or the host is not an address of this machine
             raise SystemExit(f"orders serve: cannot listen: {exc}") from None
         config = dataclasses.replace(config, port=port)
-        workers = [_start(context, config, index) for index in range(config.workers)]
+        workers += [_start(context, config, index) for index in range(config.workers)]
         failures = [failure for worker in workers if (failure := _ready(worker)) is not None]
         if failures:  # the same reason, most likely, for every worker: said once
             _stop_all([worker.process for worker in workers], STOP_MARGIN)
@@ -195,6 +201,8 @@ def _worker(config: ServerConfig, ready: multiprocessing.connection.Connection, 
     from orders.server import configure_logging, serve
 
     _end_with(supervisor)
+    # A Ctrl-C reaches every process of the terminal's group: a worker stops when its supervisor relays it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_logging(config.log_level, config.log_format)
 
     def started(port: int) -> None:
@@ -204,7 +212,7 @@ def _worker(config: ServerConfig, ready: multiprocessing.connection.Connection, 
 
     with ready:
         try:
-            asyncio.run(serve(config, on_started=started))
+            asyncio.run(serve(config, on_started=started, stop_signals=(signal.SIGTERM,)))
         except SystemExit as refusal:  # a one-line start-up error: the supervisor says it, once for all workers
             if not isinstance(refusal.code, str):
                 raise

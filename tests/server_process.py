@@ -44,7 +44,8 @@ class ServerProcess:
     goes to a log file.
 
     ``args`` are extra server flags (e.g. ``["--grace", "1"]``), ``env`` extra environment variables;
-    both apply to every (re)start.
+    both apply to every (re)start. The server runs in a process group of its own, as in a terminal of its
+    own (see :meth:`ctrl_c`).
     """
 
     def __init__(
@@ -85,6 +86,7 @@ class ServerProcess:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=log,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
+                start_new_session=True,
             )
         assert self.process.stdout is not None
         try:
@@ -97,6 +99,12 @@ class ServerProcess:
         """Send ``signum`` to the server process without waiting."""
         assert self.process is not None
         self.process.send_signal(signum)
+
+    def ctrl_c(self) -> None:
+        """What a Ctrl-C in the server's terminal does: SIGINT to every process of its group (with
+        ``--workers``, the supervisor and its workers)."""
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGINT)
 
     async def wait(self, timeout: float = STOP_TIMEOUT) -> int:
         """Wait up to ``timeout`` s for the process to exit and return its exit code; on timeout kill it

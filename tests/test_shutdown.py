@@ -319,12 +319,17 @@ async def test_a_health_watch_ends_at_once_and_does_not_hold_up_the_shutdown(tmp
         await server.kill()
 
 
-async def test_a_call_outlasting_the_grace_period_is_cancelled_and_the_server_still_exits_0(tmp_path, database_url):
+@pytest.mark.parametrize("told_twice", [False, True])
+async def test_a_call_outlasting_the_grace_period_is_cancelled_and_the_server_still_exits_0(
+    tmp_path, database_url, told_twice
+):
     """Writes stuck behind a lock held past ``--grace 1``: at the end of the grace period they are cancelled
     with UNAVAILABLE, and the process exits 0 at once rather than when the stuck database call ends (on
-    SQLite's busy timeout or PostgreSQL's lock timeout, 10 s); the cancelled writes did nothing."""
+    SQLite's busy timeout or PostgreSQL's lock timeout, 10 s); the cancelled writes did nothing. A second
+    signal (an operator's second Ctrl-C) ends the grace period at once, however long it was to be."""
     grace = 1.0
-    server = ServerProcess(tmp_path, database_url, args=["--grace", str(grace)])
+    hurry_after = 0.3
+    server = ServerProcess(tmp_path, database_url, args=["--grace", str(60 if told_twice else grace)])
     channels = [Channel("127.0.0.1", server.port) for _ in range(4)]
     stubs = [OrderServiceStub(channel) for channel in channels]
     try:
@@ -350,6 +355,9 @@ async def test_a_call_outlasting_the_grace_period_is_cancelled_and_the_server_st
             assert not any(task.done() for task in in_flight)
             signalled = time.monotonic()
             server.send_signal(signal.SIGTERM)
+            if told_twice:
+                await asyncio.sleep(hurry_after)
+                server.send_signal(signal.SIGINT)
             exit_code = await server.wait(grace + 10)
             took = time.monotonic() - signalled
             results = await asyncio.wait_for(asyncio.gather(*in_flight), 5)
@@ -358,7 +366,8 @@ async def test_a_call_outlasting_the_grace_period_is_cancelled_and_the_server_st
         assert exit_code == 0
         # the grace period, then at most AFTER_GRACE for each of the three steps after it (the cancelled
         # calls, the connections, the storage threads), then the exit: well before the stuck call would end
-        assert grace <= took < grace + 3 * AFTER_GRACE + 1.5, f"exit {took:.2f}s after SIGTERM with --grace {grace}"
+        grace_taken = hurry_after if told_twice else grace
+        assert grace_taken <= took < grace_taken + 3 * AFTER_GRACE + 1.5, f"exit {took:.2f}s after SIGTERM"
         assert codes == ["UNAVAILABLE"] * len(in_flight), "cut off by the shutdown: UNAVAILABLE, not a reset"
 
         await server.start()

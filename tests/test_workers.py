@@ -17,10 +17,12 @@ from pathlib import Path
 import pytest
 from server_process import ServerProcess, free_port
 from test_observability import calls_by_method_and_code, scrape
+from test_shutdown import write_lock
 
 from orders import workers
 from orders._proto.orders.v1 import OrderStatus
-from orders.client import Item, OrderClient
+from orders.client import Item, OrderClient, RetryPolicy
+from orders.errors import Unavailable
 
 WORKERS = 2
 CONNECTIONS = 16  # each its own TCP connection: all on one worker by chance has probability 2**-15
@@ -172,6 +174,30 @@ async def test_a_supervisor_told_to_stop_kills_a_hung_worker_after_the_grace_per
         rescue.cancel()
         with contextlib.suppress(ProcessLookupError):
             os.kill(victim, signal.SIGKILL)
+
+
+async def test_a_ctrl_c_drains_the_workers_and_a_second_one_ends_their_grace_period(
+    tmp_path: Path, database_url: str
+) -> None:
+    """The workers get the terminal's SIGINT too: they wait for the supervisor's word, so that one Ctrl-C
+    is one graceful stop, and a second one cancels the calls still running at once."""
+    server = ServerProcess(tmp_path, database_url, args=["--workers", str(WORKERS), "--grace", "60"])
+    await server.start()
+    try:
+        async with OrderClient(server.target, retry=RetryPolicy(attempts=1)) as client:
+            await client.create([Item("Before", 1, 1.0)])
+            with write_lock(database_url):  # held until the end of the test
+                held = asyncio.create_task(client.create([Item("Held", 1, 1.0)], timeout=TIMEOUT))
+                await asyncio.sleep(0.5)
+                server.ctrl_c()
+                await asyncio.sleep(1.5)
+                assert not held.done(), "one Ctrl-C is a graceful stop: the call has its grace period"
+                server.ctrl_c()
+                with pytest.raises(Unavailable, match="shut down before this call finished"):
+                    await asyncio.wait_for(held, TIMEOUT)
+                assert await server.wait(TIMEOUT) == 0
+    finally:
+        await server.kill()
 
 
 async def test_a_grace_period_longer_than_any_wait_still_lets_the_supervisor_stop(tmp_path: Path, database_url: str):
