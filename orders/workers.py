@@ -11,11 +11,12 @@ is also how separate replicas on several machines work.
 It prints ``Server started on port N`` once every worker accepts connections; SIGTERM or SIGINT is
 passed on to every worker (as SIGTERM: a worker ignores the SIGINT a Ctrl-C sends the whole process
 group), each drains as a single server does, and the supervisor exits 0 once all have; a second
-signal is passed on too, and ends the workers' grace period at once. A worker that dies on its own is replaced, and so is one that hangs: each worker's event loop
-sends the supervisor a beat every second, and a worker silent for ``SILENCE_LIMIT`` seconds (a blocked
-loop, a stopped process) is killed and replaced, since it would otherwise keep taking its share of new
-connections and answer none. A supervisor killed outright (``kill -9``, the OOM killer) takes its
-workers with it (on Linux), so that none is left holding the port.
+signal is passed on too, and ends the workers' grace period at once. A worker that dies on its own is
+replaced, and so is one that hangs: each worker's event loop sends the supervisor a beat every second,
+and a worker silent for ``SILENCE_LIMIT`` seconds (a blocked loop, a stopped process) is killed and
+replaced, since it would otherwise keep taking its share of new connections and answer none. A
+supervisor killed outright (``kill -9``, the OOM killer) takes its workers with it (on Linux), so that
+none is left holding the port.
 """
 
 from __future__ import annotations
