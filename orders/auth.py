@@ -35,6 +35,7 @@ PUBLIC_SERVICES = ("grpc.health.v1.Health",)
 
 MISSING_TOKEN = "missing bearer token: send metadata 'authorization: Bearer <token>'"
 INVALID_TOKEN = "invalid bearer token"
+NOT_BEARER = "the authorization metadata is not a bearer token: send 'authorization: Bearer <token>'"
 
 # What fits in an HTTP/2 header value as grpclib sends it, with no whitespace to trip over.
 _TOKEN_PATTERN = re.compile(r"[!-~]+")
@@ -83,7 +84,9 @@ class TokenGuard:
         if not isinstance(header, str) or not header.strip():
             raise Unauthenticated(MISSING_TOKEN)
         scheme, _, presented = header.strip().partition(" ")
-        if scheme.lower() != SCHEME or not presented.strip():
+        if scheme.lower() != SCHEME:  # another scheme (Basic ...), or none: the value itself is not echoed
+            raise Unauthenticated(NOT_BEARER)
+        if not presented.strip():
             raise Unauthenticated(MISSING_TOKEN)
         if not hmac.compare_digest(_digest(presented.strip().encode("utf-8", "surrogateescape")), self._expected):
             raise Unauthenticated(INVALID_TOKEN)

@@ -44,7 +44,7 @@ from test_interop import pb  # noqa: F401  (the grpcio stubs fixture, generated 
 import orders
 from orders import auth
 from orders._proto.orders.v1 import GetOrderRequest, OrderServiceStub, OrderStatus
-from orders.auth import INVALID_TOKEN, MISSING_TOKEN, SecurityConfigError, TokenGuard
+from orders.auth import INVALID_TOKEN, MISSING_TOKEN, NOT_BEARER, SecurityConfigError, TokenGuard
 from orders.calls import Call
 from orders.client import Item, OrderClient
 from orders.errors import Unauthenticated, Unavailable
@@ -194,8 +194,8 @@ async def test_the_stream_needs_the_token(token_server: OrderServer) -> None:
         (f"Bearer {TOKEN}", "OK"),
         (f"bearer {TOKEN}", "OK"),  # the auth scheme is case-insensitive (RFC 7235)
         (f"BEARER {TOKEN}", "OK"),
-        (TOKEN, MISSING_TOKEN),  # no scheme
-        (f"Basic {TOKEN}", MISSING_TOKEN),
+        (TOKEN, NOT_BEARER),  # no scheme
+        (f"Basic {TOKEN}", NOT_BEARER),
         ("Bearer", MISSING_TOKEN),
         (f"Bearer {TOKEN}x", INVALID_TOKEN),
         (f"Bearer {TOKEN[:-1]}", INVALID_TOKEN),
