@@ -51,8 +51,9 @@ from orders.errors import Unauthenticated, Unavailable
 from orders.server import OrderServer, ServerConfig
 from orders.testing import running_server, temporary_database
 
-TOKEN = f"s3cr3t-{uuid.uuid4().hex}"
-WRONG = f"wr0ng-{uuid.uuid4().hex}"
+# Fixed, not random: pytest-xdist workers must collect the same test parameters, and some name these.
+TOKEN = "s3cr3t-840901df05a84e53b9fe789af9196450"
+WRONG = "wr0ng-531f6158a83d40e9a4bea31cc6559d8e"
 TIMEOUT = 10.0  # every call and wait has a deadline, so a broken server fails a test instead of hanging it
 PROMPTLY = 5.0  # a refused connection must be reported well before the call's deadline
 SERVICE = "orders.v1.OrderService"
