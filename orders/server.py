@@ -233,13 +233,20 @@ def announce(port: int) -> None:
         raise SystemExit(f"orders serve: cannot write the startup line to standard output: {exc}") from None
 
 
+def graceful_stop_signals() -> tuple[signal.Signals, ...]:
+    """The signals that stop a server gracefully: SIGINT (Ctrl-C), SIGTERM, and SIGHUP (its terminal
+    closed), unless SIGHUP is ignored, as under ``nohup``."""
+    hang_up = () if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else (signal.SIGHUP,)
+    return (signal.SIGINT, signal.SIGTERM, *hang_up)
+
+
 async def serve(
     config: ServerConfig,
     on_started: Callable[[int], None] = announce,
-    stop_signals: Sequence[signal.Signals] = (signal.SIGINT, signal.SIGTERM),
+    stop_signals: Sequence[signal.Signals] | None = None,
 ) -> None:
-    """Run a server until one of ``stop_signals``, then shut it down gracefully; a second one ends the
-    grace period at once."""
+    """Run a server until one of ``stop_signals`` (by default :func:`graceful_stop_signals`), then shut it
+    down gracefully; a second one ends the grace period at once."""
     stop = asyncio.Event()
     order_server: OrderServer | None = None
 
@@ -250,7 +257,7 @@ async def serve(
         stop.set()
 
     loop = asyncio.get_running_loop()
-    for signum in stop_signals:
+    for signum in graceful_stop_signals() if stop_signals is None else stop_signals:
         loop.add_signal_handler(signum, stop_or_hurry)
     try:
         order_server = OrderServer(config)
@@ -309,7 +316,7 @@ async def prepare_database(config: ServerConfig) -> None:
 
 
 def run(config: ServerConfig) -> None:
-    """Serve until SIGINT or SIGTERM: in this process, or with ``--workers N`` in N worker processes.
+    """Serve until SIGINT, SIGTERM or SIGHUP: in this process, or with ``--workers N`` in N worker processes.
 
     A start-up error is one line on stderr and exit 1; with ``--log-format json``, one JSON log record.
     """

@@ -8,15 +8,15 @@ nothing but the database: a change made through any of them reaches watchers on 
 the event log (PostgreSQL: LISTEN/NOTIFY wakes them at once; SQLite: each polls the log's head), which
 is also how separate replicas on several machines work.
 
-It prints ``Server started on port N`` once every worker accepts connections; SIGTERM or SIGINT is
-passed on to every worker (as SIGTERM: a worker ignores the SIGINT a Ctrl-C sends the whole process
-group), each drains as a single server does, and the supervisor exits 0 once all have; a second
-signal is passed on too, and ends the workers' grace period at once. A worker that dies on its own is
-replaced, and so is one that hangs: each worker's event loop sends the supervisor a beat every second,
-and a worker silent for ``SILENCE_LIMIT`` seconds (a blocked loop, a stopped process) is killed and
-replaced, since it would otherwise keep taking its share of new connections and answer none. A
-supervisor killed outright (``kill -9``, the OOM killer) takes its workers with it (on Linux), so that
-none is left holding the port.
+It prints ``Server started on port N`` once every worker accepts connections; SIGTERM, SIGINT or SIGHUP
+is passed on to every worker (as SIGTERM: a worker ignores the SIGINT a Ctrl-C, or the SIGHUP a closed
+terminal, sends the whole process group), each drains as a single server does, and the supervisor exits 0
+once all have; a second signal is passed on too, and ends the workers' grace period at once. A worker
+that dies on its own is replaced, and so is one that hangs: each worker's event loop sends the supervisor
+a beat every second, and a worker silent for ``SILENCE_LIMIT`` seconds (a blocked loop, a stopped
+process) is killed and replaced, since it would otherwise keep taking its share of new connections and
+answer none. A supervisor killed outright (``kill -9``, the OOM killer) takes its workers with it (on
+Linux), so that none is left holding the port.
 """
 
 from __future__ import annotations
@@ -53,9 +53,9 @@ PR_SET_PDEATHSIG = 1  # Linux prctl(2): the signal this process gets when its pa
 
 
 def supervise(config: ServerConfig, on_started: Callable[[int], None]) -> int:
-    """Run ``config.workers`` worker processes until SIGTERM/SIGINT, calling ``on_started`` with the port once
-    they all accept connections; the exit code for the supervisor. Should anything fail (``on_started``
-    included), the workers are stopped before the error goes on."""
+    """Run ``config.workers`` worker processes until SIGTERM, SIGINT or SIGHUP, calling ``on_started`` with
+    the port once they all accept connections; the exit code for the supervisor. Should anything fail
+    (``on_started`` included), the workers are stopped before the error goes on."""
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited loop or threads
     stopping = False
     workers: list[_Worker] = []
@@ -68,7 +68,9 @@ def supervise(config: ServerConfig, on_started: Callable[[int], None]) -> int:
                     worker.process.terminate()
         stopping = True
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    from orders.server import graceful_stop_signals
+
+    for signum in graceful_stop_signals():
         signal.signal(signum, stop)
     with contextlib.ExitStack() as reserved:
         try:
@@ -202,8 +204,10 @@ def _worker(config: ServerConfig, ready: multiprocessing.connection.Connection, 
     from orders.server import configure_logging, serve
 
     _end_with(supervisor)
-    # A Ctrl-C reaches every process of the terminal's group: a worker stops when its supervisor relays it.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A Ctrl-C, or the terminal's hang-up, reaches every process of the terminal's group: a worker stops
+    # when its supervisor relays it.
+    for signum in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
     configure_logging(config.log_level, config.log_format)
 
     def started(port: int) -> None:

@@ -43,8 +43,9 @@ class ServerProcess:
     """``python -m orders.server`` on a fixed port and database (the ``database_url`` fixture); stderr
     goes to a log file.
 
-    ``args`` are extra server flags (e.g. ``["--grace", "1"]``), ``env`` extra environment variables;
-    both apply to every (re)start. The server runs in a process group of its own, as in a terminal of its
+    ``args`` are extra server flags (e.g. ``["--grace", "1"]``), ``env`` extra environment variables,
+    ``ignored_signals`` signals the server starts with ignored (SIGHUP, as under ``nohup``); all apply to
+    every (re)start. The server runs in a process group of its own, as in a terminal of its
     own (see :meth:`ctrl_c`).
     """
 
@@ -56,12 +57,14 @@ class ServerProcess:
         *,
         args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        ignored_signals: Sequence[int] = (),
     ) -> None:
         self.port = port or free_port()
         self.db = db
         self.log = tmp_path / "server.log"
         self.args = list(args)
         self.env = dict(env or {})
+        self.ignored_signals = tuple(ignored_signals)
         self.process: asyncio.subprocess.Process | None = None
 
     @property
@@ -87,6 +90,7 @@ class ServerProcess:
                 stderr=log,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
                 start_new_session=True,
+                preexec_fn=self._ignore_signals if self.ignored_signals else None,
             )
         assert self.process.stdout is not None
         try:
@@ -94,6 +98,11 @@ class ServerProcess:
         except TimeoutError:
             raise AssertionError(f"the server did not start; log:\n{self.log.read_text()}") from None
         assert line.decode().strip() == f"Server started on port {self.port}", (line, self.log.read_text())
+
+    def _ignore_signals(self) -> None:
+        """In the child before it runs the server: what ``nohup`` does for SIGHUP."""
+        for signum in self.ignored_signals:
+            signal.signal(signum, signal.SIG_IGN)
 
     def send_signal(self, signum: int) -> None:
         """Send ``signum`` to the server process without waiting."""
@@ -103,8 +112,13 @@ class ServerProcess:
     def ctrl_c(self) -> None:
         """What a Ctrl-C in the server's terminal does: SIGINT to every process of its group (with
         ``--workers``, the supervisor and its workers)."""
+        self.signal_group(signal.SIGINT)
+
+    def signal_group(self, signum: int) -> None:
+        """Send ``signum`` to every process of the server's group, as its terminal does (SIGINT for a
+        Ctrl-C, SIGHUP when it closes)."""
         assert self.process is not None
-        os.killpg(self.process.pid, signal.SIGINT)
+        os.killpg(self.process.pid, signum)
 
     async def wait(self, timeout: float = STOP_TIMEOUT) -> int:
         """Wait up to ``timeout`` s for the process to exit and return its exit code; on timeout kill it

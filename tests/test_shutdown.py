@@ -1,4 +1,4 @@
-"""Graceful shutdown of the real server process: SIGTERM (or SIGINT) stops accepting connections, ends
+"""Graceful shutdown of the real server process: SIGTERM (or SIGINT, or SIGHUP) stops accepting connections, ends
 every watch with UNAVAILABLE, lets the unary calls already running finish, refuses calls that arrive
 after it began with UNAVAILABLE, loses no acknowledged write, and exits 0 -- within ``--grace``: a call
 still running when the grace period is over is cancelled and the process exits 0 all the same.
@@ -48,7 +48,7 @@ from orders._proto.orders.v1 import (
 )
 from orders.server import AFTER_GRACE, LINGER
 
-SIGNALS = [pytest.param(signal.SIGTERM, id="SIGTERM"), pytest.param(signal.SIGINT, id="SIGINT")]
+SIGNALS = [pytest.param(signum, id=signum.name) for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)]
 T = 20.0  # seconds every call may take
 NEXT = {OrderStatus.PENDING: OrderStatus.CONFIRMED, OrderStatus.CONFIRMED: OrderStatus.SHIPPED}
 
@@ -293,6 +293,24 @@ async def test_in_flight_calls_finish_and_late_calls_are_refused(tmp_path, datab
     finally:
         for channel in channels:
             channel.close()
+        await server.kill()
+
+
+async def test_a_server_started_under_nohup_outlives_its_terminal(tmp_path, database_url):
+    """SIGHUP stops a server gracefully (its terminal closed), but not one started with SIGHUP ignored,
+    as ``nohup orders serve &`` starts it."""
+    server = ServerProcess(tmp_path, database_url, ignored_signals=[signal.SIGHUP])
+    channel = Channel("127.0.0.1", server.port)
+    try:
+        await server.start()
+        server.send_signal(signal.SIGHUP)
+        await asyncio.sleep(0.5)
+        reply = await OrderServiceStub(channel).create_order(CreateOrderRequest(items=items("after SIGHUP")), timeout=T)
+        assert reply.order.status == OrderStatus.PENDING
+        assert server.running
+        assert await server.stop() == 0
+    finally:
+        channel.close()
         await server.kill()
 
 

@@ -200,6 +200,21 @@ async def test_a_ctrl_c_drains_the_workers_and_a_second_one_ends_their_grace_per
         await server.kill()
 
 
+async def test_a_closed_terminal_drains_the_workers_once(tmp_path: Path, database_url: str) -> None:
+    """The terminal's SIGHUP reaches the supervisor and every worker: the workers wait for the
+    supervisor's word and drain, so that the server exits 0, not killed by the signal."""
+    server = ServerProcess(tmp_path, database_url, args=["--workers", str(WORKERS)])
+    await server.start()
+    try:
+        server.signal_group(signal.SIGHUP)
+        assert await server.wait(TIMEOUT) == 0
+        log = server.log.read_text()
+        assert log.count("shutting down") == WORKERS, log
+        assert "Traceback" not in log
+    finally:
+        await server.kill()
+
+
 async def test_a_grace_period_longer_than_any_wait_still_lets_the_supervisor_stop(tmp_path: Path, database_url: str):
     """A wait in the kernel cannot last 10**20 s; the workers, idle, stop at once anyway."""
     server = ServerProcess(tmp_path, database_url, args=["--workers", str(WORKERS), "--grace", "1e20"])
