@@ -49,12 +49,12 @@ def check_database_url(url: str) -> None:
         return
     try:
         parts.port  # noqa: B018  (parsing it checks it)
-    except ValueError as exc:
-        raise ValueError(f"{redacted(url)}: {exc}") from None
+    except ValueError:  # its text would quote what stands where the port should: maybe part of a password
+        raise ValueError(f"{redacted(url)} has a port that is not a number from 0 to 65535{_ENCODE}") from None
+    if "@" in parts.path:  # postgresql:/user:password@host/db, a slash short; or a password's / not encoded
+        raise ValueError(f"{redacted(url)} has a user in its path: give postgresql://user@host:5432/dbname{_ENCODE}")
     if parts.path.strip("/") == "":
         raise ValueError(f"{redacted(url)} names no database: add it, as in postgresql://user@host:5432/dbname")
-    if not parts.netloc and "@" in parts.path:  # postgresql:/user:password@host/db, a slash short
-        raise ValueError(f"{redacted(url)} has a user in its path: give postgresql://user@host:5432/dbname")
 
 
 def redacted(url: str) -> str:
@@ -65,6 +65,14 @@ def redacted(url: str) -> str:
         parts = urllib.parse.urlsplit(url)
     except ValueError:  # e.g. an unclosed "[": where a password would be cannot be told
         return "(not a URL; not shown)"
+    network_location = f"{parts.scheme}://{parts.netloc}"
+    if parts.scheme != "sqlite" and url.startswith(network_location):
+        # A user part urlsplit cut short at a /, ? or # of the password, not percent-encoded, leaves an @ in
+        # what follows (in the path alone, if the cut part held an @ too): all up to the last @ may be the
+        # password's.
+        after = parts.path if "@" in parts.netloc else url[len(network_location) :]
+        if "@" in after:
+            return f"{parts.scheme}://***@{url.rsplit('@', 1)[1]}"
     query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
     if parts.password is None and all(name != "password" for name, _ in query):
         return _USER_AND_SECRET.sub(r"\1:***@", url)  # as given: urlsplit's round trip drops sqlite:////'s host
@@ -73,6 +81,7 @@ def redacted(url: str) -> str:
     return parts._replace(netloc=netloc, query=urllib.parse.urlencode(hidden, safe="*")).geturl()
 
 
+_ENCODE = " (percent-encode any / ? # @ % in the user or password: %2F %3F %23 %40 %25)"
 _USER_AND_SECRET = re.compile(r"([^\s:/@]+):[^\s/@]+@")
 
 

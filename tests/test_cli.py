@@ -410,7 +410,11 @@ def test_serve_prints_started_line_and_exits_0_on_sigterm(database_url: str) -> 
         (["--db", "orders.db"], "--db: the database is given as a URL: for the SQLite file orders.db give sqlite:///"),
         (["--db", "mysql://root:hunter2@127.0.0.1/test"], "--db: mysql:// is not a database this server runs on"),
         (["--db", "sqlite:///:memory:"], "--db: an in-memory SQLite database cannot serve"),
-        (["--db", "postgresql://u:hunter2@127.0.0.1:99999/db"], "Port out of range"),
+        (["--db", "postgresql://u:hunter2@127.0.0.1:99999/db"], "has a port that is not a number from 0 to 65535"),
+        # a password's / or # not percent-encoded: urlsplit takes what precedes it for the host and port
+        (["--db", "postgresql://u:hunter2/x@db:5432/orders"], "postgresql://***@db:5432/orders has a port that is"),
+        (["--db", "postgresql://u:hunter2#x@db/orders"], "(percent-encode any / ? # @ % in the user or password"),
+        (["--db", "postgresql://u:12/hunter2@db/orders"], "postgresql://***@db/orders has a user in its path"),
         (["--db", "postgresql://u:hunter2@127.0.0.1:5432/"], "names no database"),
         (["--db", "postgresql//u:hunter2@db/orders"], "postgresql//u:***@db/orders is not a URL (no scheme: is a ':"),
         (["--db", "postgresql:/u:hunter2@db/orders"], "postgresql:/u:***@db/orders has a user in its path"),
@@ -472,6 +476,7 @@ def test_a_bad_environment_variable_is_a_usage_error_of_serve_alone(env: dict[st
     [
         ("postgresql://orders:hunter2@db:5432/orders?password=hunter2", "postgresql://orders:***@db:5432/orders?password=***"),
         ("postgresql//orders:hunter2@db:5432/orders", "postgresql//orders:***@db:5432/orders"),  # mistyped
+        ("postgresql://orders:hunter2/x@db:5432/orders", "postgresql://***@db:5432/orders"),  # a / not encoded
     ],
 )
 def test_serve_help_hides_the_database_password(url: str, shown: str) -> None:
