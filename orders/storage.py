@@ -181,16 +181,19 @@ def open_database(url: str) -> peewee.Database:
     check_database_url(url)
     if url.startswith("sqlite"):
         return db_url.connect(url, pragmas=SQLITE_PRAGMAS, timeout=10)
-    database = db_url.connect(url)
+    # A user or password with characters that are not allowed there (/, ?, #, @, %) is percent-encoded, as
+    # libpq reads it; psycopg 3 (the ``postgres`` extra), even where peewee would pick psycopg2 if installed.
+    database = db_url.connect(url, unquote_user=True, unquote_password=True, prefer_psycopg3=True)
     if isinstance(database, peewee.PostgresqlDatabase):
         params = database.connect_params
         params.setdefault("connect_timeout", POSTGRES_CONNECT_TIMEOUT)
         for name, value in POSTGRES_KEEPALIVES.items():
             params.setdefault(name, value)
-        # first, so that a URL's own ?options=-c lock_timeout=... (or idle_in_transaction_...) wins
+        # first, so that a URL's own ?options=-c lock_timeout=... (or idle_in_transaction_...) wins; and no
+        # idle_session_timeout a role or database may set: the server's connections are idle between calls
         timeouts = (
             f"-c idle_in_transaction_session_timeout={POSTGRES_IDLE_IN_TRANSACTION_MS} "
-            f"-c lock_timeout={POSTGRES_LOCK_TIMEOUT_MS}"
+            f"-c lock_timeout={POSTGRES_LOCK_TIMEOUT_MS} -c idle_session_timeout=0"
         )
         params["options"] = f"{timeouts} {params.get('options', '')}".strip()
     return database
@@ -440,23 +443,32 @@ class Repository:
 
     def migrate(self) -> None:
         """Create the schema if missing, or upgrade an older one; refuse a database written by a newer one.
-        It always writes, so a database that cannot be written (a read-only file) fails here, at start-up."""
+        A current schema is only checked, with no DDL, so a role that may read and write the tables but does
+        not own them can serve. It always writes, so a database that cannot be written (a read-only file, a
+        read-only role) fails here, at start-up."""
         with self.write_transaction():
-            for model in self._models.values():  # in MODELS order: referenced tables first
-                model.create_table(safe=True)
-            found = self._schema.select(peewee.fn.MAX(self._schema.version)).scalar()
-            if found is None:
-                self._schema.insert(version=SCHEMA_VERSION).execute()
-            elif found > SCHEMA_VERSION:
+            found = self._schema_version()
+            if found is not None and found > SCHEMA_VERSION:
                 raise DatabaseUnusable(
                     f"database schema version {found} is newer than this server's {SCHEMA_VERSION}; upgrade orders"
                 )
+            if found != SCHEMA_VERSION:
+                for model in self._models.values():  # in MODELS order: referenced tables first
+                    model.create_table(safe=True)
+            if found is None:
+                self._schema.insert(version=SCHEMA_VERSION).execute()
             else:
                 if found < 2:
                     self._add_encoded_orders()
                 if found < 3:
                     self._drop_key_time_index()
                 self._schema.update(version=SCHEMA_VERSION).execute()  # also when current: the write that checks
+
+    def _schema_version(self) -> int | None:
+        """The version of the schema the database holds; None for a database without one."""
+        if not self._schema.table_exists():
+            return None
+        return self._schema.select(peewee.fn.MAX(self._schema.version)).scalar()
 
     def _add_encoded_orders(self) -> None:
         """Schema 1 → 2: add ``order.encoded`` and encode every existing order into it."""

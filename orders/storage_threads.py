@@ -87,6 +87,7 @@ class DatabaseThread:
         self.stalled = False  # set by fail_if_stalled, cleared as the stalled batch ends
         self._failing = False  # whether an outage was logged and its end not yet (see _log_outage)
         self._failed_at = 0.0  # time.monotonic() of the last batch that failed with Unavailable
+        self._worked_since_failure = False  # whether a batch has not failed since then
         self.log_outages = False  # whether to log them: not while starting (that error is the message) or closing
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
@@ -178,14 +179,22 @@ class DatabaseThread:
                 log.error("%s", corruption.message)
         failure = next((error for error in errors if isinstance(error, Unavailable)), None)
         now = time.monotonic()
+        quiet = now - self._failed_at >= RECOVERY_QUIET
         if failure is not None:
+            if self._failing and self._worked_since_failure and quiet:  # the last outage ended with no call since
+                self._end_outage()
             if self.log_outages and not self._failing:
                 log.warning("database calls on %s fail: %s", self._thread.name, failure.message)
-            self._failing, self._failed_at = True, now
-        elif self._failing and now - self._failed_at >= RECOVERY_QUIET:
-            if self.log_outages:
-                log.info("database calls on %s work again", self._thread.name)
-            self._failing = False
+            self._failing, self._failed_at, self._worked_since_failure = True, now, False
+        elif self._failing:
+            self._worked_since_failure = True
+            if quiet:
+                self._end_outage()
+
+    def _end_outage(self) -> None:
+        if self.log_outages:
+            log.info("database calls on %s work again", self._thread.name)
+        self._failing = False
 
     def _run_batch(self, batch: list[_Job]) -> list[Outcome]:
         outcomes: list[Outcome] = []
@@ -321,28 +330,60 @@ def call_translating_errors(database: peewee.Database, fn: Callable[P, R], *args
 
 def translated(error: Exception) -> Exception:
     """``error``; or DataLoss for a corrupt database, Unavailable for one that cannot be reached or is locked,
-    or whose tables are gone."""
+    whose tables are gone, or that refuses the server's role."""
     cause = _behind_the_rollback(error)
     driver_error = _driver_error(cause)
+    reason = _message(cause, driver_error)
     if _corrupt(driver_error):
         return DataLoss(
-            f"the database is corrupt ({cause}); retrying will not help: the server's operator must restore it "
+            f"the database is corrupt ({reason}); retrying will not help: the server's operator must restore it "
             "from a backup"
         )
     if _schema_missing(driver_error):
-        reason = " ".join(str(cause).split())  # one line: PostgreSQL's spans several
         return Unavailable(
             f"the database has lost the server's tables ({reason}): it was dropped or replaced while the server "
             "ran; the server's operator must restore it, or restart the server to start on an empty one"
         )
+    if _permission_denied(driver_error):
+        return Unavailable(
+            f"the database refuses the server's role ({reason}); the server's operator must grant it back its "
+            "privileges on the server's tables and sequences"
+        )
     if isinstance(error, UNAVAILABLE_DATABASE):
-        return Unavailable(f"the database is unavailable ({cause}); retry later")
+        return Unavailable(f"the database is unavailable ({reason}); retry later")
     return error
+
+
+def _why_unusable(error: BaseException) -> str:
+    """Why the server cannot start on its database, given the error that made a start-up call Unavailable."""
+    driver_error = _driver_error(error)
+    reason = _message(error, driver_error)
+    if _lock_wait_ended(error):
+        return f"another process held its lock too long: {reason}"
+    if _permission_denied(driver_error):
+        return (
+            f"its role lacks a privilege: {reason} (on an empty database it must be able to create tables; "
+            "on one with the schema, to read and write its tables and sequences)"
+        )
+    if _connection_failed(driver_error):
+        return f"cannot reach it: {reason}"
+    return f"cannot use it: {reason}"
+
+
+def _message(error: BaseException, driver_error: BaseException | None) -> str:
+    """``error``'s message on one line: PostgreSQL's primary message alone, without the statement's text and
+    the caret under it that its errors add on further lines."""
+    primary = getattr(getattr(driver_error, "diag", None), "message_primary", None)
+    return primary or " ".join(str(error).split())
 
 
 SQLITE_CORRUPTION = {11, 26}  # SQLITE_CORRUPT ("database disk image is malformed"), SQLITE_NOTADB
 POSTGRESQL_CORRUPTION = {"XX001", "XX002"}  # data_corrupted, index_corrupted
 POSTGRESQL_UNDEFINED = {"42P01", "42703"}  # undefined_table, undefined_column
+POSTGRESQL_INSUFFICIENT_PRIVILEGE = "42501"
+# connection_exception, invalid_authorization_specification (no such role, a wrong password), invalid_catalog_name
+# (no such database); and cannot_connect_now (57P03: starting up, shutting down)
+POSTGRESQL_REFUSED_CONNECTION = {"08", "28", "3D"}
 
 
 # A database that cannot be reached, is locked, or failed to read or write its files. peewee translates what
@@ -356,8 +397,12 @@ UNAVAILABLE_DATABASE = (
 
 
 def _driver_error(error: BaseException) -> BaseException | None:
-    """The database driver's error behind ``error``: peewee's wraps it (raised while handling it)."""
-    return error.__context__ if isinstance(error, peewee.PeeweeException) else error
+    """The database driver's error behind ``error``: peewee's wraps it (raised while handling it), at times
+    twice (a failed connect inside a transaction)."""
+    found: BaseException | None = error
+    while isinstance(found, peewee.PeeweeException):
+        found = found.__context__
+    return found
 
 
 def _corrupt(driver_error: BaseException | None) -> bool:
@@ -373,6 +418,19 @@ def _schema_missing(driver_error: BaseException | None) -> bool:
     if isinstance(driver_error, sqlite3.OperationalError):
         return str(driver_error).startswith(("no such table", "no such column"))
     return getattr(driver_error, "sqlstate", None) in POSTGRESQL_UNDEFINED
+
+
+def _connection_failed(driver_error: BaseException | None) -> bool:
+    """Whether the driver's error says PostgreSQL could not be connected to, or refused the connection."""
+    if not hasattr(driver_error, "sqlstate"):  # not psycopg's
+        return False
+    sqlstate = driver_error.sqlstate
+    return sqlstate is None or sqlstate[:2] in POSTGRESQL_REFUSED_CONNECTION or sqlstate == "57P03"
+
+
+def _permission_denied(driver_error: BaseException | None) -> bool:
+    """Whether the driver's error says the database refuses the server's role (a privilege revoked)."""
+    return getattr(driver_error, "sqlstate", None) == POSTGRESQL_INSUFFICIENT_PRIVILEGE
 
 
 def _behind_the_rollback(error: BaseException) -> BaseException:
@@ -441,14 +499,7 @@ class Storage:
         except DataLoss as exc:  # a corrupt schema or event log
             raise DatabaseUnusable(str(exc.__cause__)) from exc
         except Unavailable as exc:
-            what = (
-                "another process held its lock too long"
-                if _lock_wait_ended(exc.__cause__)
-                else "cannot reach it"
-                if self.is_postgresql
-                else "cannot use it"
-            )
-            raise DatabaseUnusable(f"{what}: {exc.__cause__}") from exc
+            raise DatabaseUnusable(_why_unusable(exc.__cause__ or exc)) from exc
         except peewee.ImproperlyConfigured as exc:  # no driver for the URL's scheme
             raise DatabaseUnusable(f"{exc} (for PostgreSQL: pip install 'orders[postgres]')") from exc
         except peewee.DatabaseError as exc:  # e.g. a file that is not a SQLite database

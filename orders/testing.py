@@ -59,7 +59,7 @@ def temporary_database(server: str | None = None) -> Iterator[str]:
     ``server`` (default: ``$ORDERS_TEST_DATABASE``, else ``sqlite``) is ``sqlite`` for a file in a temporary
     directory, or the URL of any database on a PostgreSQL server (``postgresql://postgres@127.0.0.1:5432/test``)
     to create a new database there, named ``orders_test_…``, and drop it afterwards: its user needs the
-    CREATEDB privilege, and the server must be PostgreSQL 13 or newer.
+    CREATEDB privilege, and the server must be PostgreSQL 14 or newer.
     """
     server = server or os.environ.get(DATABASE_ENV) or "sqlite"
     if urllib.parse.urlsplit(server).scheme not in ("postgres", "postgresql") and server != "sqlite":

@@ -5,11 +5,15 @@ from connections the database server drops."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import subprocess
 import sys
 import threading
 import time
 import urllib.parse
+import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import peewee
@@ -26,7 +30,7 @@ from test_stream import eventually
 import orders.server
 import orders.storage
 import orders.storage_threads
-from orders._proto.orders.v1 import OrderServiceStub, OrderStatusStreamRequest
+from orders._proto.orders.v1 import OrderServiceStub, OrderStatus, OrderStatusStreamRequest
 from orders.client import Item, OrderClient, RetryPolicy
 from orders.domain import NewOrder, Status, validate_new_order
 from orders.errors import DataLoss, Unavailable
@@ -158,11 +162,156 @@ def test_sessions_bound_their_lock_waits_and_idle_transactions_unless_the_url_sa
     for url, lock_timeout in ((database_url, "10s"), (overridden, "1s")):
         database = open_database(url)
         try:
-            names = ("lock_timeout", "idle_in_transaction_session_timeout")
+            names = ("lock_timeout", "idle_in_transaction_session_timeout", "idle_session_timeout")
             settings = [database.execute_sql(f"SHOW {name}").fetchone()[0] for name in names]
         finally:
             database.close()
-        assert settings == [lock_timeout, "5s"], settings
+        assert settings == [lock_timeout, "5s", "0"], settings
+
+
+async def test_an_idle_session_timeout_set_on_the_database_does_not_end_the_servers_connections(
+    database_url: str,
+) -> None:
+    """An operator's ``idle_session_timeout`` would end a server's connections whenever its calls paused,
+    and fail the next write (not retried) with UNAVAILABLE: the server's sessions turn it off."""
+    name = urllib.parse.urlsplit(database_url).path.lstrip("/")
+    with psycopg.connect(libpq(database_url), autocommit=True) as admin:
+        admin.execute(f"ALTER DATABASE {name} SET idle_session_timeout = '1s'")
+    async with (
+        running_server(database_url) as server,
+        OrderClient(f"127.0.0.1:{server.port}", retry=RetryPolicy(attempts=1)) as client,
+    ):
+        order = await client.create([Item("Before the pause", 1, 1.0)])
+        await asyncio.sleep(2.5)
+        assert (await client.update_status(order.id, OrderStatus.CONFIRMED)).version == 2
+
+
+def libpq(url: str) -> str:
+    """A playhouse ``postgresql://`` URL as psycopg reads it (libpq takes no ``?options=`` of playhouse's)."""
+    return urllib.parse.urlsplit(url)._replace(query="").geturl()
+
+
+@contextlib.contextmanager
+def role(database_url: str) -> Iterator[str]:
+    """A new login role that may read and write the tables and sequences of ``database_url``'s public schema
+    (as created then), but neither create tables nor own any; yields ``database_url`` as that role."""
+    name = f"orders_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(libpq(database_url), autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {name} LOGIN")
+        admin.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {name}")
+        admin.execute(f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {name}")
+    parts = urllib.parse.urlsplit(database_url)
+    try:
+        yield parts._replace(netloc=f"{name}@{parts.hostname}:{parts.port}").geturl()
+    finally:
+        with psycopg.connect(libpq(database_url), autocommit=True) as admin:
+            admin.execute(f"DROP OWNED BY {name}")  # its privileges, in this database
+            admin.execute(f"DROP ROLE {name}")
+
+
+def test_a_user_and_password_are_percent_decoded_as_libpq_decodes_them(database_url: str) -> None:
+    """A user or password holding characters a URL does not allow there is given percent-encoded."""
+    name = f"orders_test_{uuid.uuid4().hex[:8]}@x/y"
+    parts = urllib.parse.urlsplit(database_url)
+    encoded = urllib.parse.quote(name, safe="")
+    url = parts._replace(netloc=f"{encoded}:p%2Fss%23w%3Frd%40@{parts.hostname}:{parts.port}").geturl()
+    with psycopg.connect(libpq(database_url), autocommit=True) as admin:
+        admin.execute(f'CREATE ROLE "{name}" LOGIN')
+        try:
+            database = open_database(url)
+            try:
+                assert database.execute_sql("SELECT current_user").fetchone()[0] == name
+            finally:
+                database.close()
+            assert database.connect_params["password"] == "p/ss#w?rd@"  # (trust authentication checks none here)
+        finally:
+            admin.execute(f'DROP ROLE "{name}"')
+
+
+async def test_a_role_that_may_read_and_write_the_tables_but_not_own_them_serves_a_current_schema(
+    database_url: str,
+) -> None:
+    """Least privilege: the schema created (or upgraded) once by its owner, the replicas serve as a role
+    that may only read and write its tables, every RPC and the watch working as for the owner."""
+    async with running_server(database_url):  # creates the schema, as its owner
+        pass
+    with role(database_url) as url:
+        async with running_server(url) as server, OrderClient(f"127.0.0.1:{server.port}") as client:
+            watch = client.watch(after_sequence=0)
+            order = await client.create([Item("Least privilege", 1, 1.0)])
+            await client.update_status(order.id, OrderStatus.CONFIRMED)
+            assert [o.id async for o in client.list()] == [order.id]
+            updates = [await asyncio.wait_for(anext(watch), TIMEOUT) for _ in range(2)]
+            assert [u.status for u in updates] == [OrderStatus.PENDING, OrderStatus.CONFIRMED]
+            await watch.aclose()
+
+
+def test_a_role_that_may_not_create_tables_is_a_one_line_startup_error_on_an_empty_database(
+    database_url: str,
+) -> None:
+    with role(database_url) as url:
+        result = subprocess.run(
+            [sys.executable, "-m", "orders.server", "--port", "0", "--db", url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1 and result.stdout == "", result
+    assert "is unusable: its role lacks a privilege: permission denied for schema public (on an empty" in (
+        result.stderr
+    )
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+
+
+async def test_a_privilege_revoked_while_serving_fails_its_calls_with_unavailable_until_granted_again(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running_server(database_url):
+        pass
+    with role(database_url) as url, psycopg.connect(libpq(database_url), autocommit=True) as admin:
+        name = urllib.parse.urlsplit(url).username
+        async with (
+            running_server(url) as server,
+            OrderClient(f"127.0.0.1:{server.port}", retry=RetryPolicy(attempts=1)) as client,
+        ):
+            order = await client.create([Item("Before", 1, 1.0)])
+            admin.execute(f'REVOKE SELECT ON "order" FROM {name}')
+            for _ in range(3):
+                with pytest.raises(Unavailable) as refused:
+                    await client.get(order.id)
+                assert refused.value.message == (
+                    "the database refuses the server's role (permission denied for table order); the server's "
+                    "operator must grant it back its privileges on the server's tables and sequences"
+                )
+            admin.execute(f'GRANT SELECT ON "order" TO {name}')
+            assert (await client.get(order.id)).id == order.id
+    outages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "fail:" in r.getMessage()]
+    assert len(outages) == 1 and "permission denied for table order" in outages[0], outages
+
+
+async def test_an_outage_after_a_short_one_is_logged_too_and_its_message_is_one_line(
+    database_url: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Calls that fail, work again at once, then fail again after a quiet spell: two outages logged (with
+    the end of the first), not one; and the message PostgreSQL spreads over several lines (the statement,
+    a caret) is one line, its first."""
+    monkeypatch.setattr(orders.storage_threads, "RECOVERY_QUIET", 0.5)
+    caplog.set_level(logging.INFO, logger="orders.storage_threads")
+    async with (
+        running_server(f"{database_url}?options=-c%20lock_timeout%3D200") as server,
+        OrderClient(f"127.0.0.1:{server.port}", retry=RetryPolicy(attempts=1)) as client,
+    ):
+        for _ in range(2):
+            with write_lock(database_url), pytest.raises(Unavailable) as refused:
+                await client.create([Item("While locked", 1, 1.0)])
+            assert refused.value.message == (
+                "the database is unavailable (canceling statement due to lock timeout); retry later"
+            )
+            await client.create([Item("At once after", 1, 1.0)])
+            await asyncio.sleep(1.0)  # quiet: no call at all
+    messages = [r.getMessage() for r in caplog.records if r.name == "orders.storage_threads"]
+    fails = [m for m in messages if "orders-db-writer fail:" in m]
+    assert len(fails) == 2 and "work again" in " ".join(messages), messages
 
 
 @pytest.mark.parametrize("sqlstate", ["data_corrupted", "index_corrupted"])
