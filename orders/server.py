@@ -263,6 +263,8 @@ async def serve(
         order_server = OrderServer(config)
     except SecurityConfigError as exc:  # a bad token, certificate or key: one clear line, no traceback
         raise SystemExit(f"orders serve: {exc}") from None
+    except DatabaseUnusable as exc:  # no driver for it
+        raise _unusable(config, exc) from None
     try:
         await order_server.start()
     except DatabaseUnusable as exc:
@@ -306,13 +308,14 @@ async def prepare_database(config: ServerConfig) -> None:
     ``--workers N`` does this once before starting the workers: a schema upgrade that outlasted the
     database's busy timeout would otherwise leave every worker but the upgrading one unable to start.
     """
-    storage = Storage(config.db, retention_events=config.retention_events)
     try:
-        await storage.open()
+        storage = Storage(config.db, retention_events=config.retention_events)
+        try:
+            await storage.open()
+        finally:
+            await storage.close(timeout=AFTER_GRACE)
     except DatabaseUnusable as exc:
         raise _unusable(config, exc) from None
-    finally:
-        await storage.close(timeout=AFTER_GRACE)
 
 
 def run(config: ServerConfig) -> None:

@@ -177,10 +177,15 @@ def open_database(url: str) -> peewee.Database:
     """Open a database from a ``playhouse.db_url`` URL: SQLite with its durability settings, or PostgreSQL
     (``postgresql://user@host:port/dbname``, needs the ``postgres`` extra) with a connect timeout, TCP
     keepalives, and limits on a session's idle time inside a transaction and on its waits for locks.
-    ValueError for any other URL (see :func:`check_database_url`)."""
+    ValueError for any other URL (see :func:`check_database_url`); DatabaseUnusable for PostgreSQL without
+    psycopg 3."""
     check_database_url(url)
     if url.startswith("sqlite"):
         return db_url.connect(url, pragmas=SQLITE_PRAGMAS, timeout=10)
+    try:
+        import psycopg  # noqa: F401  (psycopg2 alone would do for peewee, not for LISTEN)
+    except ImportError:
+        raise DatabaseUnusable("PostgreSQL needs psycopg 3: pip install 'orders[postgres]'") from None
     # A user or password with characters that are not allowed there (/, ?, #, @, %) is percent-encoded, as
     # libpq reads it; psycopg 3 (the ``postgres`` extra), even where peewee would pick psycopg2 if installed.
     database = db_url.connect(url, unquote_user=True, unquote_password=True, prefer_psycopg3=True)

@@ -500,8 +500,6 @@ class Storage:
             raise DatabaseUnusable(str(exc.__cause__)) from exc
         except Unavailable as exc:
             raise DatabaseUnusable(_why_unusable(exc.__cause__ or exc)) from exc
-        except peewee.ImproperlyConfigured as exc:  # no driver for the URL's scheme
-            raise DatabaseUnusable(f"{exc} (for PostgreSQL: pip install 'orders[postgres]')") from exc
         except peewee.DatabaseError as exc:  # e.g. a file that is not a SQLite database
             raise DatabaseUnusable(str(exc)) from exc
         self._stall_watch = asyncio.create_task(self._watch_for_stalls(), name="orders-db-stall-watch")

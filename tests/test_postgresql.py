@@ -341,6 +341,20 @@ def test_an_unreachable_postgresql_is_a_one_line_startup_error() -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_without_psycopg_3_the_server_exits_saying_to_install_it(database_url: str) -> None:
+    """peewee would use psycopg2 alone, but the server's LISTEN needs psycopg 3: a one-line start-up error."""
+    hide_psycopg = "import sys; sys.modules['psycopg'] = None; import orders.server; orders.server.main()"
+    result = subprocess.run(
+        [sys.executable, "-c", hide_psycopg, "--port", "0", "--db", database_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1 and result.stdout == "", result
+    assert result.stderr.endswith("is unusable: PostgreSQL needs psycopg 3: pip install 'orders[postgres]'\n"), result
+    assert "Traceback" not in result.stderr
+
+
 def test_a_replica_kept_from_the_write_lock_at_start_up_exits_saying_so(database_url: str) -> None:
     """A replica starting while another holds the write lock (a large schema upgrade) waits for it at most
     the lock timeout (here 0.5 s, from the URL), then exits with a one-line error that says so."""
