@@ -38,15 +38,20 @@ class ServerProcess:
     startup_timeout: float = 60.0
     process: subprocess.Popen[bytes] | None = None
     port: int = 0
+    stopped: bool = False  # stop() sent it SIGTERM: it had not exited on its own
 
     def start(self) -> int:
-        """Start the process and return its port; ServerFailed with its log if it does not come up."""
+        """Start the process and return its port; ServerFailed with its log if it does not come up.
+
+        It runs in a process group of its own: a Ctrl-C in the bench's terminal reaches only the bench, which
+        stops it (one still importing would die of the SIGINT with a traceback)."""
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [sys.executable, "-m", self.module, *self.args],
             stdout=subprocess.PIPE,
             stderr=self._log,
             stdin=subprocess.DEVNULL,
+            process_group=0,
         )
         port: list[int] = []
 
@@ -65,12 +70,10 @@ class ServerProcess:
         deadline = time.monotonic() + self.startup_timeout
         while not port:
             if self.process.poll() is not None:
-                raise ServerFailed(f"{self.module} exited with status {self.process.returncode}:\n{self.log_tail()}")
+                raise self._failed(f"exited with status {self.process.returncode}")
             if time.monotonic() > deadline:
                 self.stop()
-                raise ServerFailed(
-                    f"{self.module} did not start within {self.startup_timeout:.0f}s:\n{self.log_tail()}"
-                )
+                raise self._failed(f"did not start within {self.startup_timeout:.0f}s")
             time.sleep(0.02)
         self.port = port[0]
         return self.port
@@ -80,6 +83,13 @@ class ServerProcess:
         """The process id (the server's top process)."""
         assert self.process is not None
         return self.process.pid
+
+    def _failed(self, what: str) -> ServerFailed:
+        """ServerFailed saying ``what`` happened, with the last line of the process's stderr (for argparse its
+        ``error: ...``, for a traceback the exception) on the first line and the log's tail below."""
+        tail = self.log_tail()
+        last = next((line.strip() for line in reversed(tail.splitlines()) if line.strip()), "nothing on stderr")
+        return ServerFailed(f"{self.module} {what}: {last}\n{tail}")
 
     def log_tail(self, lines: int = 20) -> str:
         """The last lines the process wrote to stderr."""
@@ -96,6 +106,7 @@ class ServerProcess:
         if self.process is None:
             return None
         if self.process.poll() is None:
+            self.stopped = True
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout)

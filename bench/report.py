@@ -86,6 +86,7 @@ class ServerUsage:
     written_bytes: int = 0  # to storage (WAL, checkpoints, logs), in the measurement window
     loop_cpu_seconds: float = 0.0  # of the main threads, where the event loops run, in the measurement window
     cpu_wait_seconds: float = 0.0  # its threads spent ready to run but waiting for a CPU, in the window
+    exited_by_itself: bool = False  # before the bench stopped it (it crashed, or exited mid-run)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON form."""
@@ -96,6 +97,7 @@ class ServerUsage:
             "cpu_wait_percent": round(100 * self.cpu_wait_seconds / self.window, 1) if self.window else None,
             "processes": self.processes,
             "exit_status": self.exit_status,
+            "exited_by_itself": self.exited_by_itself,
             "written_mb": round(self.written_bytes / MIB, 2),
         }
 
@@ -120,6 +122,7 @@ def unary_report(result: LoadResult, usage: ServerUsage | None) -> dict[str, Any
     rps = total.count / result.window if result.window else 0.0
     summary = total.summary_ms()
     p50, p99 = summary.get("p50_ms"), summary.get("p99_ms")
+    fairness = result.fairness()  # NaN when no caller completed a call
     report: dict[str, Any] = {
         "rps": round(rps, 1),
         "calls": total.count,
@@ -129,7 +132,7 @@ def unary_report(result: LoadResult, usage: ServerUsage | None) -> dict[str, Any
         "error_codes": dict(sorted(result.errors.items())),
         "untimed_calls": dict(result.untimed),
         "callers": len(result.per_caller),
-        "fairness": round(result.fairness(), 4) if result.per_caller else None,
+        "fairness": None if math.isnan(fairness) else round(fairness, 4),
         "generator_cpu_percent": round(100 * result.generator_cpu / result.window, 1) if result.window else None,
     }
     if len(result.histograms) > 1:
@@ -147,6 +150,18 @@ def unary_report(result: LoadResult, usage: ServerUsage | None) -> dict[str, Any
             round(usage.written_bytes / 1024 / total.count, 3) if total.count else None
         )
     return report
+
+
+def server_note(scenario: str, server: Mapping[str, Any]) -> str | None:
+    """A note for the report when a scenario's server did not end as asked (status 0 after the bench's
+    SIGTERM), or None."""
+    status = server["exit_status"]
+    if server.get("exited_by_itself"):
+        return f"{scenario}: the server exited by itself with status {status} before the bench stopped it"
+    if status != 0:
+        killed = " (killed: it had not stopped within 20 s)" if status == -9 else ""
+        return f"{scenario}: the server exited with status {status} after SIGTERM{killed}"
+    return None
 
 
 def add_ratios(scenario: dict[str, Any], baselines: Sequence[Mapping[str, Any]]) -> None:
@@ -474,5 +489,6 @@ def table(report: Mapping[str, Any]) -> str:
 
 
 def write_json(path: Path, report: Mapping[str, Any]) -> None:
-    """Write the report as indented JSON."""
-    path.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
+    """Write the report as indented, strict JSON (a NaN, which JSON has no word for, is a ValueError: a value
+    that can be undefined must be None)."""
+    path.write_text(json.dumps(report, indent=2, sort_keys=False, allow_nan=False) + "\n")

@@ -16,9 +16,12 @@ import argparse
 import asyncio
 import contextlib
 import importlib.util
+import math
 import multiprocessing
+import os
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -63,8 +66,8 @@ def parse_args(argv: Sequence[str] | None, prog: str = "python -m bench") -> arg
     add = parser.add_argument
     add("--scenarios", default=",".join(ALL_SCENARIOS), help="comma-separated, from: " + ", ".join(ALL_SCENARIOS))
     add("--concurrency", type=int, default=32, help="closed-loop callers (default: %(default)s)")
-    add("--duration", type=float, default=10.0, help="measured seconds per scenario (default: %(default)s)")
-    add("--warmup", type=float, default=2.0, help="unmeasured seconds before each window (default: %(default)s)")
+    add("--duration", type=finite, default=10.0, help="measured seconds per scenario (default: %(default)s)")
+    add("--warmup", type=finite, default=2.0, help="unmeasured seconds before each window (default: %(default)s)")
     add("--channels", type=int, default=1, help="HTTP/2 connections the callers share (default: %(default)s)")
     add("--procs", type=int, default=1, help="load-generator processes the callers are split over (default: 1)")
     add(
@@ -78,7 +81,7 @@ def parse_args(argv: Sequence[str] | None, prog: str = "python -m bench") -> arg
     add("--list-mode", choices=["random", "first"], default="random", help="list: a random page or the first page")
     add("--no-request-ids", action="store_true", help="create without a request_id (OrderClient always sends one)")
     add("--watchers", type=int, default=1000, help="watch: concurrent watchers (default: %(default)s)")
-    add("--updates-per-second", type=float, default=1000.0, help="watch: status changes per second (default: 1000)")
+    add("--updates-per-second", type=finite, default=1000.0, help="watch: status changes per second (default: 1000)")
     add(
         "--watch-orders",
         type=int,
@@ -93,7 +96,7 @@ def parse_args(argv: Sequence[str] | None, prog: str = "python -m bench") -> arg
         default=H2_MAX_STREAMS,
         help=f"watch: watchers per HTTP/2 connection, at most {H2_MAX_STREAMS} (default: %(default)s)",
     )
-    add("--watch-drain", type=float, default=10.0, help="watch: seconds watchers may take to catch up at the end")
+    add("--watch-drain", type=finite, default=10.0, help="watch: seconds watchers may take to catch up at the end")
     add(
         "--reference",
         action="store_true",
@@ -112,7 +115,12 @@ def parse_args(argv: Sequence[str] | None, prog: str = "python -m bench") -> arg
         help="run every scenario on a fresh database on this PostgreSQL server, e.g. "
         "postgresql://postgres@127.0.0.1:5432/test (default: SQLite files in the temp dir)",
     )
-    add("--server-args", default="", help="extra arguments for the orders server, e.g. '--log-level info'")
+    add(
+        "--server-args",
+        default="",
+        help="extra arguments for the orders server, split like a shell does, e.g. --server-args='--log-level info' "
+        "(with the =, since the value begins with a dash)",
+    )
     add("--json", type=Path, default=Path("bench-report.json"), help="report path (default: %(default)s)")
     add("--tmp-dir", type=Path, default=None, help="where databases and logs go (default: a fresh temp dir)")
     add("--keep", action="store_true", help="keep the temp dir (databases, server logs) afterwards")
@@ -133,10 +141,13 @@ def parse_args(argv: Sequence[str] | None, prog: str = "python -m bench") -> arg
     args = parser.parse_args(argv)
     args.scenario_list = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = [s for s in args.scenario_list if s not in ALL_SCENARIOS]
-    if unknown:
-        parser.error(f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(ALL_SCENARIOS)}")
+    if unknown or not args.scenario_list:
+        named = f"unknown scenario(s) {', '.join(unknown)}" if unknown else "--scenarios names no scenario"
+        parser.error(f"{named}; choose from {', '.join(ALL_SCENARIOS)}")
     if min(args.concurrency, args.channels, args.procs, args.rounds) < 1 or args.duration <= 0 or args.warmup < 0:
         parser.error("--concurrency, --channels, --procs and --rounds must be >= 1, --duration > 0 and --warmup >= 0")
+    if min(args.watchers, args.watch_procs) < 1 or args.updates_per_second <= 0 or args.watch_drain < 0:
+        parser.error("--watchers and --watch-procs must be >= 1, --updates-per-second > 0 and --watch-drain >= 0")
     if not 1 <= args.watch_streams_per_connection <= H2_MAX_STREAMS:
         parser.error(f"--watch-streams-per-connection must be 1..{H2_MAX_STREAMS} (the server's HTTP/2 limit)")
     if args.scale and not 100 <= args.scale_small <= args.scale_orders or args.scale_repeats < 1:
@@ -151,10 +162,45 @@ def parse_args(argv: Sequence[str] | None, prog: str = "python -m bench") -> arg
         parser.error("--reference compares with a sqlite3 server: leave out --db-server")
     if args.reference and importlib.util.find_spec("grpc") is None:
         parser.error("--reference needs grpcio: pip install -e '.[test]'")
-    problem = args.db_server and check_server_url(args.db_server)
+    try:
+        args.server_arg_list = shlex.split(args.server_args)
+    except ValueError as exc:  # e.g. "No closing quotation"
+        parser.error(f"--server-args {args.server_args!r}: {exc}; quote it as a shell would")
+    problem = (
+        (args.db_server and check_server_url(args.db_server))
+        or json_path_problem(args.json)
+        or (args.tmp_dir and tmp_dir_problem(args.tmp_dir))
+    )
     if problem:
         parser.error(problem)
     return args
+
+
+def finite(text: str) -> float:
+    """An argparse type: a float that is a number (not nan) and finite (not inf)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def json_path_problem(path: Path) -> str | None:
+    """Why the report cannot be written to ``path`` (found before the run, not after it), or None."""
+    if path.is_dir():
+        return f"--json {path} is a directory: name a file, e.g. --json {path / 'bench-report.json'}"
+    if not path.parent.is_dir():
+        return f"--json {path}: there is no directory {path.parent}: create it, or name a file in an existing one"
+    target = path if path.exists() else path.parent
+    if not os.access(target, os.W_OK):
+        return f"--json {path}: {target} is not writable: name a file in a writable directory"
+    return None
+
+
+def tmp_dir_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be the ``--tmp-dir``, or None."""
+    if path.exists() and not path.is_dir():
+        return f"--tmp-dir {path} is a file, not a directory: name a directory (it is created if missing)"
+    return None
 
 
 @dataclass
@@ -188,7 +234,7 @@ class Context:
             "--log-level",
             "warning",
             *extra,
-            *shlex.split(self.args.server_args),
+            *self.args.server_arg_list,
         ]
 
 
@@ -224,16 +270,18 @@ class _UsageWindow:
         return self.used
 
 
-def _usage(sampler: ResourceSampler, used: Used, window: float, exit_status: int | None) -> report.ServerUsage:
+def _usage(sampler: ResourceSampler, used: Used, window: float, server: ServerProcess | None) -> report.ServerUsage:
+    """What the server used; ``server``: stopped (None while it still runs)."""
     return report.ServerUsage(
         sampler.peak_rss,
         used.cpu_seconds,
         window,
         sampler.processes,
-        exit_status,
+        server.process.returncode if server and server.process else None,
         used.written_bytes,
         used.main_thread_cpu_seconds,
         used.cpu_wait_seconds,
+        exited_by_itself=server is not None and not server.stopped,
     )
 
 
@@ -269,11 +317,7 @@ async def measure_unary(
     """Start a server, drive ``scenario`` against it, stop it; return the load and server measurements."""
     with running(module, server_args, ctx.tmp / f"{log_name}.log") as (server, sampler):
         result, used = await drive_measured(ctx, scenario, server.port, sampler, data)
-    return result, _usage(sampler, used, ctx.args.duration, _exit_status(server))
-
-
-def _exit_status(server: ServerProcess) -> int | None:
-    return server.process.returncode if server.process else None
+    return result, _usage(sampler, used, ctx.args.duration, server)
 
 
 def data_for(preloaded: PreloadResult, args: argparse.Namespace) -> ScenarioData:
@@ -350,7 +394,7 @@ async def measure_watch(ctx: Context, preloaded: PreloadResult) -> dict[str, Any
         for part in await asyncio.gather(*watching):
             seen.merge(part)
         used = await usage_window.result()
-    usage = _usage(sampler, used, args.duration, _exit_status(server))
+    usage = _usage(sampler, used, args.duration, server)
     events = sum(counts.values())
     owed = owed_events(counts, filters, seen.watchers)
     missed = missed_events(owed, seen.received_each)
@@ -483,6 +527,19 @@ def _warm(_: int) -> int:
     return 0
 
 
+def _ignore_ctrl_c() -> None:
+    """Run in each pool process at its start: a Ctrl-C reaches the whole process group, and the bench
+    stops its workers itself (without a traceback from each)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _stop_workers() -> None:
+    """End the pool's processes (the bench starts no other multiprocessing children) at once: a load
+    generator or the watch writer would otherwise go on to the end of its window before the pool shuts down."""
+    for worker in multiprocessing.active_children():
+        worker.terminate()
+
+
 async def measure_scenario(ctx: Context, scenario: str, reference: bool = False) -> dict[str, Any]:
     """One scenario on a fresh preloaded database, served by the orders server or (``reference``) by
     :mod:`bench.reference`; its report (without baseline ratios)."""
@@ -536,6 +593,17 @@ async def measure_baseline(ctx: Context, number: int) -> dict[str, Any]:
     return report.unary_report(load, usage)
 
 
+def report_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The command line as the report gives it, with any password in ``--db-server`` redacted."""
+    config = {
+        k: v for k, v in vars(args).items() if k not in ("scenario_list", "server_arg_list", "json", "tmp_dir", "keep")
+    }
+    config["scenarios"] = args.scenario_list
+    if args.db_server:
+        config["db_server"] = redacted(args.db_server)
+    return config
+
+
 async def run(args: argparse.Namespace, database: dict[str, Any]) -> dict[str, Any]:
     """Run everything the arguments ask for and return the report; ``database``: :func:`bench.db.backend_info`."""
     tmp = args.tmp_dir or Path(tempfile.mkdtemp(prefix="orders-bench-"))
@@ -548,24 +616,21 @@ async def run(args: argparse.Namespace, database: dict[str, Any]) -> dict[str, A
     pool_size += 1 if "watch" in args.scenario_list else 0
     pool: ProcessPoolExecutor | None = None
     if pool_size:
-        pool = ProcessPoolExecutor(pool_size, mp_context=multiprocessing.get_context("spawn"))
-        loop = asyncio.get_running_loop()
-        await asyncio.gather(*(loop.run_in_executor(pool, _warm, i) for i in range(pool_size)))
+        pool = ProcessPoolExecutor(
+            pool_size, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_ctrl_c
+        )
     ctx = Context(args, tmp, pool, log, Databases(tmp, args.db_server))
-    config = {
-        k: (str(v) if isinstance(v, Path) else v)
-        for k, v in vars(args).items()
-        if k not in ("scenario_list", "json", "tmp_dir", "keep")
-    }
-    config["scenarios"] = args.scenario_list
     result: dict[str, Any] = {
         "machine": report.machine_info(),
-        "config": config,
+        "config": report_config(args),
         "database": database,
         "workers": args.workers if args.workers is not None else 1,  # the server's default
         "notes": [],
     }
     try:
+        if pool is not None:
+            loop = asyncio.get_running_loop()
+            await asyncio.gather(*(loop.run_in_executor(pool, _warm, i) for i in range(pool_size)))
         log("baseline ...")
         baselines = [await measure_baseline(ctx, 0)]
         result["baseline"] = baselines[0]
@@ -588,12 +653,9 @@ async def run(args: argparse.Namespace, database: dict[str, Any]) -> dict[str, A
                 report.add_reference(result["scenarios"][scenario], reference)
             for measured in rounds:
                 preload_seconds.append(measured["preload_seconds"])
-                status = measured["server"]["exit_status"]
-                if status != 0:
-                    result["notes"].append(
-                        f"{scenario}: the server exited with status {status} after SIGTERM"
-                        + (" (killed: it had not stopped within 20 s)" if status == -9 else "")
-                    )
+                note = report.server_note(scenario, measured["server"])
+                if note:
+                    result["notes"].append(note)
         result["baselines"] = [report.baseline_summary(baseline) for baseline in baselines]
         if preload_seconds:
             mean = sum(preload_seconds) / len(preload_seconds)
@@ -604,6 +666,10 @@ async def run(args: argparse.Namespace, database: dict[str, Any]) -> dict[str, A
             except Exception as exc:
                 result["scale"] = {"error": _failure(exc, args)}
                 log(f"scale failed: {result['scale']['error']}")
+    except BaseException:  # cancelled (Ctrl-C, SIGTERM) or failed: what the workers are doing is not wanted
+        if pool is not None:
+            _stop_workers()
+        raise
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -615,19 +681,61 @@ async def run(args: argparse.Namespace, database: dict[str, Any]) -> dict[str, A
     return result
 
 
+class Terminated(Exception):
+    """SIGTERM stopped the run (after its clean-up)."""
+
+
+async def run_until_sigterm(args: argparse.Namespace, database: dict[str, Any]) -> dict[str, Any]:
+    """:func:`run`, cancelled by SIGTERM the way :func:`asyncio.run` cancels it on Ctrl-C, so that every
+    clean-up runs (servers, pool processes, temporary databases, the temp dir); then :class:`Terminated`."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    terminated = False
+
+    def terminate() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, terminate)
+    try:
+        return await run(args, database)
+    except asyncio.CancelledError:
+        if terminated:
+            raise Terminated from None
+        raise
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
 def main(argv: Sequence[str] | None = None, prog: str = "python -m bench") -> int:
-    """Entry point of ``python -m bench``: 0 when every target passed, 1 otherwise, 2 when ``--db-server``
-    cannot be used (unreachable, or psycopg missing)."""
+    """Entry point of ``python -m bench``: 0 when every target passed, 1 otherwise (or when the report could not
+    be written), 2 on a usage error or when ``--db-server`` cannot be used (unreachable, or psycopg missing),
+    130 after Ctrl-C and 143 after SIGTERM (servers, processes and temporary files cleaned up, no report)."""
     args = parse_args(argv, prog)
     try:
         database = backend_info(args.db_server)
     except Exception as exc:  # e.g. the PostgreSQL server is down: nothing could run
         print(f"{prog}: cannot use --db-server {redacted(args.db_server)}: {exc}", file=sys.stderr)
         return 2
-    result = asyncio.run(run(args, database))
+    try:
+        result = asyncio.run(run_until_sigterm(args, database))
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted (Ctrl-C); no report written", file=sys.stderr)
+        return 130
+    except Terminated:
+        print(f"{prog}: stopped by SIGTERM; no report written", file=sys.stderr)
+        return 143
     targets = report.judge(result)
     result["targets"] = [t.as_dict() for t in targets]
-    report.write_json(args.json, result)
-    print(report.table(result))
+    print(report.table(result), flush=True)
+    try:
+        report.write_json(args.json, result)
+    except OSError as exc:
+        print(
+            f"{prog}: cannot write the report to {args.json} ({exc}); the table above has the results", file=sys.stderr
+        )
+        return 1
     print(f"report: {args.json}")
     return 0 if all(t.passed for t in targets) else 1
