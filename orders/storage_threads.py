@@ -181,7 +181,7 @@ class DatabaseThread:
         now = time.monotonic()
         quiet = now - self._failed_at >= RECOVERY_QUIET
         if failure is not None:
-            if self._failing and self._worked_since_failure and quiet:  # the last outage ended with no call since
+            if self._failing and self._worked_since_failure and quiet:  # the last outage ended, unlogged
                 self._end_outage()
             if self.log_outages and not self._failing:
                 log.warning("database calls on %s fail: %s", self._thread.name, failure.message)

@@ -250,17 +250,8 @@ def test_a_role_that_may_not_create_tables_is_a_one_line_startup_error_on_an_emp
     database_url: str,
 ) -> None:
     with role(database_url) as url:
-        result = subprocess.run(
-            [sys.executable, "-m", "orders.server", "--port", "0", "--db", url],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    assert result.returncode == 1 and result.stdout == "", result
-    assert "is unusable: its role lacks a privilege: permission denied for schema public (on an empty" in (
-        result.stderr
-    )
-    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+        refusal = refused_start(url)
+    assert "is unusable: its role lacks a privilege: permission denied for schema public (on an empty" in refusal
 
 
 async def test_a_privilege_revoked_while_serving_fails_its_calls_with_unavailable_until_granted_again(
@@ -327,32 +318,27 @@ def test_postgresql_reporting_corruption_is_data_loss(database_url: str, sqlstat
         database.close()
 
 
-def test_an_unreachable_postgresql_is_a_one_line_startup_error() -> None:
-    url = f"postgresql://postgres:secret@127.0.0.1:{free_port()}/orders"
+def refused_start(url: str, *, server: tuple[str, ...] = ("-m", "orders.server")) -> str:
+    """The one line on stderr of a server started on ``url`` (by ``python <server>``) that must exit 1."""
     result = subprocess.run(
-        [sys.executable, "-m", "orders.server", "--port", "0", "--db", url],
-        capture_output=True,
-        text=True,
-        timeout=60,
+        [sys.executable, *server, "--port", "0", "--db", url], capture_output=True, text=True, timeout=60
     )
-    assert result.returncode == 1 and result.stdout == ""
-    assert result.stderr.startswith("orders serve: the database postgresql://postgres:***@127.0.0.1:")
-    assert "Connection refused" in result.stderr and "secret" not in result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.returncode == 1 and result.stdout == "", result
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    return result.stderr
+
+
+def test_an_unreachable_postgresql_is_a_one_line_startup_error() -> None:
+    refusal = refused_start(f"postgresql://postgres:secret@127.0.0.1:{free_port()}/orders")
+    assert refusal.startswith("orders serve: the database postgresql://postgres:***@127.0.0.1:")
+    assert "cannot reach it" in refusal and "Connection refused" in refusal and "secret" not in refusal
 
 
 def test_without_psycopg_3_the_server_exits_saying_to_install_it(database_url: str) -> None:
     """peewee would use psycopg2 alone, but the server's LISTEN needs psycopg 3: a one-line start-up error."""
     hide_psycopg = "import sys; sys.modules['psycopg'] = None; import orders.server; orders.server.main()"
-    result = subprocess.run(
-        [sys.executable, "-c", hide_psycopg, "--port", "0", "--db", database_url],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 1 and result.stdout == "", result
-    assert result.stderr.endswith("is unusable: PostgreSQL needs psycopg 3: pip install 'orders[postgres]'\n"), result
-    assert "Traceback" not in result.stderr
+    refusal = refused_start(database_url, server=("-c", hide_psycopg))
+    assert refusal.endswith("is unusable: PostgreSQL needs psycopg 3: pip install 'orders[postgres]'\n"), refusal
 
 
 def test_a_replica_kept_from_the_write_lock_at_start_up_exits_saying_so(database_url: str) -> None:
@@ -360,17 +346,8 @@ def test_a_replica_kept_from_the_write_lock_at_start_up_exits_saying_so(database
     the lock timeout (here 0.5 s, from the URL), then exits with a one-line error that says so."""
     url = f"{database_url}?options=-c%20lock_timeout%3D500"
     with write_lock(database_url):
-        result = subprocess.run(
-            [sys.executable, "-m", "orders.server", "--port", "0", "--db", url],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    assert result.returncode == 1 and result.stdout == "", result
-    assert "is unusable: another process held its lock too long: canceling statement due to lock timeout" in (
-        result.stderr
-    )
-    assert "Traceback" not in result.stderr
+        refusal = refused_start(url)
+    assert "is unusable: another process held its lock too long: canceling statement due to lock timeout" in refusal
 
 
 async def test_a_replica_frozen_in_the_middle_of_a_write_holds_up_the_others_only_briefly(database_url: str) -> None:
