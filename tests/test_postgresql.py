@@ -175,7 +175,7 @@ async def test_an_idle_session_timeout_set_on_the_database_does_not_end_the_serv
     """An operator's ``idle_session_timeout`` would end a server's connections whenever its calls paused,
     and fail the next write (not retried) with UNAVAILABLE: the server's sessions turn it off."""
     name = urllib.parse.urlsplit(database_url).path.lstrip("/")
-    with psycopg.connect(libpq(database_url), autocommit=True) as admin:
+    with psycopg.connect(database_url, autocommit=True) as admin:
         admin.execute(f"ALTER DATABASE {name} SET idle_session_timeout = '1s'")
     async with (
         running_server(database_url) as server,
@@ -186,17 +186,12 @@ async def test_an_idle_session_timeout_set_on_the_database_does_not_end_the_serv
         assert (await client.update_status(order.id, OrderStatus.CONFIRMED)).version == 2
 
 
-def libpq(url: str) -> str:
-    """A playhouse ``postgresql://`` URL as psycopg reads it (libpq takes no ``?options=`` of playhouse's)."""
-    return urllib.parse.urlsplit(url)._replace(query="").geturl()
-
-
 @contextlib.contextmanager
 def role(database_url: str) -> Iterator[str]:
     """A new login role that may read and write the tables and sequences of ``database_url``'s public schema
     (as created then), but neither create tables nor own any; yields ``database_url`` as that role."""
     name = f"orders_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(libpq(database_url), autocommit=True) as admin:
+    with psycopg.connect(database_url, autocommit=True) as admin:
         admin.execute(f"CREATE ROLE {name} LOGIN")
         admin.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {name}")
         admin.execute(f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {name}")
@@ -204,7 +199,7 @@ def role(database_url: str) -> Iterator[str]:
     try:
         yield parts._replace(netloc=f"{name}@{parts.hostname}:{parts.port}").geturl()
     finally:
-        with psycopg.connect(libpq(database_url), autocommit=True) as admin:
+        with psycopg.connect(database_url, autocommit=True) as admin:
             admin.execute(f"DROP OWNED BY {name}")  # its privileges, in this database
             admin.execute(f"DROP ROLE {name}")
 
@@ -215,7 +210,7 @@ def test_a_user_and_password_are_percent_decoded_as_libpq_decodes_them(database_
     parts = urllib.parse.urlsplit(database_url)
     encoded = urllib.parse.quote(name, safe="")
     url = parts._replace(netloc=f"{encoded}:p%2Fss%23w%3Frd%40@{parts.hostname}:{parts.port}").geturl()
-    with psycopg.connect(libpq(database_url), autocommit=True) as admin:
+    with psycopg.connect(database_url, autocommit=True) as admin:
         admin.execute(f'CREATE ROLE "{name}" LOGIN')
         try:
             database = open_database(url)
@@ -259,7 +254,7 @@ async def test_a_privilege_revoked_while_serving_fails_its_calls_with_unavailabl
 ) -> None:
     async with running_server(database_url):
         pass
-    with role(database_url) as url, psycopg.connect(libpq(database_url), autocommit=True) as admin:
+    with role(database_url) as url, psycopg.connect(database_url, autocommit=True) as admin:
         name = urllib.parse.urlsplit(url).username
         async with (
             running_server(url) as server,
