@@ -239,6 +239,12 @@ def _address(peer: Peer | None) -> tuple[str, int] | None:
         return None
 
 
+def _deadline_passed(stream: Stream[Any, Any]) -> bool:
+    """Whether the call's deadline has passed: grpclib ends such a call by cancelling it, and answers it
+    DEADLINE_EXCEEDED."""
+    return stream.deadline is not None and not stream.deadline.time_remaining()
+
+
 class CallMiddleware:
     """Wraps every call of a grpclib server: request id, admission guards, error mapping, observers
     (access log, metrics), and drain tracking."""
@@ -346,7 +352,7 @@ class CallMiddleware:
                         "(OrderStatusStream: with after_sequence = the last sequence received, heartbeats count)",
                     ) from None
                 if not self._grace_over:  # the client went away, or its deadline passed
-                    code = "CANCELLED"
+                    code = "DEADLINE_EXCEEDED" if _deadline_passed(stream) else "CANCELLED"
                     raise
                 code = "UNAVAILABLE"  # cancelled by the shutdown at the end of the grace period
                 raise GRPCError(

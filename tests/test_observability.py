@@ -31,6 +31,7 @@ from grpclib.client import Channel
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError
 from prometheus_client.parser import text_string_to_metric_families
+from test_hostile import RawH2, grpc_message
 
 from orders._proto.orders.v1 import (
     CancelOrderRequest,
@@ -426,6 +427,21 @@ async def test_json_log_has_one_access_line_per_call_with_method_code_peer_and_r
                 first = await asyncio.wait_for(stream.recv_message(), TIMEOUT)
                 assert first is not None and first.order_id == created_id
                 await stream.cancel()
+            # A stream whose deadline passes: a raw client, which does not cancel the call at its own deadline
+            # first (as grpclib's would), so the server ends it, with DEADLINE_EXCEEDED, and says so.
+            deadline_id = f"deadline-{uuid.uuid4().hex[:8]}"
+            calls[deadline_id] = (WATCH, "DEADLINE_EXCEEDED")
+            raw = await RawH2.open(run.port)
+            try:
+                stream_id = raw.start(
+                    WATCH.rsplit("/", 1)[1], extra_headers=[("grpc-timeout", "200m"), ("x-request-id", deadline_id)]
+                )
+                raw.conn.send_data(stream_id, grpc_message(b""), end_stream=True)
+                await raw.flush()
+                answer = await raw.response(stream_id)
+            finally:
+                raw.close()
+            assert answer.get("grpc-status") == str(Status.DEADLINE_EXCEEDED.value), answer
 
             # An operator's trigger makes every insert fail: a fault the server cannot classify, so INTERNAL,
             # and the error message names the request id under which the log has the details.
