@@ -18,6 +18,7 @@ import fcntl
 import logging
 import os
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple, TypeVar
 
@@ -186,9 +187,11 @@ def open_database(url: str) -> peewee.Database:
         import psycopg  # noqa: F401  (psycopg2 alone would do for peewee, not for LISTEN)
     except ImportError:
         raise DatabaseUnusable("PostgreSQL needs psycopg 3: pip install 'orders[postgres]'") from None
-    # A user or password with characters that are not allowed there (/, ?, #, @, %) is percent-encoded, as
-    # libpq reads it; psycopg 3 (the ``postgres`` extra), even where peewee would pick psycopg2 if installed.
-    database = db_url.connect(url, unquote_user=True, unquote_password=True, prefer_psycopg3=True)
+    # A user, password or database name with characters that are not allowed there (/, ?, #, @, %) is
+    # percent-encoded, as libpq reads it; psycopg 3 (the ``postgres`` extra), even where peewee would pick
+    # psycopg2 if installed.
+    name = urllib.parse.unquote(urllib.parse.urlparse(url).path[1:])
+    database = db_url.connect(url, unquote_user=True, unquote_password=True, prefer_psycopg3=True, database=name)
     if isinstance(database, peewee.PostgresqlDatabase):
         params = database.connect_params
         params.setdefault("connect_timeout", POSTGRES_CONNECT_TIMEOUT)

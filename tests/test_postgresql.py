@@ -223,6 +223,23 @@ def test_a_user_and_password_are_percent_decoded_as_libpq_decodes_them(database_
             admin.execute(f'DROP ROLE "{name}"')
 
 
+async def test_a_database_name_is_percent_decoded_as_libpq_decodes_it(database_url: str) -> None:
+    """A database whose name holds characters a URL path does not allow is named percent-encoded, and the
+    server serves from that database."""
+    name = f"orders test/{uuid.uuid4().hex[:8]}?#%"
+    parts = urllib.parse.urlsplit(database_url)
+    url = parts._replace(path="/" + urllib.parse.quote(name, safe="")).geturl()
+    with psycopg.connect(database_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            async with running_server(url) as server, OrderClient(f"127.0.0.1:{server.port}") as client:
+                order = await client.create([Item("Encoded", 1, 1.0)])
+            with psycopg.connect(parts._replace(path="").geturl(), dbname=name) as named:
+                assert named.execute('SELECT id FROM "order"').fetchall() == [(order.id,)]
+        finally:
+            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
 async def test_a_role_that_may_read_and_write_the_tables_but_not_own_them_serves_a_current_schema(
     database_url: str,
 ) -> None:
