@@ -679,8 +679,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         sys.exit(bench_main(args[1:], prog="orders bench"))
     parsed, unknown = build_parser().parse_known_args(args)
-    if unknown:  # reported with the command's own usage, not the top level's
-        parsed.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if unknown:
+        # Positionals after an option (``watch ID --count 1 ID``), which the command's own parser takes
+        # intermixed; or a mistake, then reported with the command's usage, not the top level's.
+        command_args = args[args.index(parsed.command) + 1 :]
+        parsed = parsed.command_parser.parse_intermixed_args(command_args, argparse.Namespace(command=parsed.command))
     sys.exit(run(parsed))
 
 

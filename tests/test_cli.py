@@ -286,6 +286,14 @@ def test_watch_human_output(target: str) -> None:
     assert f" {order['id']} (new) -> PENDING at " in result.stdout
 
 
+def test_watch_takes_ids_before_and_after_its_options(target: str) -> None:
+    first, second, other = (create(target, f"Part {n}:1:1.00") for n in range(3))
+    result = call(target, "watch", first["id"], "--after-sequence", "0", second["id"], "--count", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    watched = [json.loads(line)["orderId"] for line in result.stdout.splitlines()]
+    assert watched == [first["id"], second["id"]] and other["id"] not in watched
+
+
 def test_watch_can_show_heartbeats_as_cursors_to_resume_from(target: str) -> None:
     order = create(target, "Lamp:1:30.00")
     arguments = ("watch", order["id"], "--heartbeat", "1", "--show-heartbeats", "--count", "1", "--target", target)
