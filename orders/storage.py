@@ -31,7 +31,7 @@ from orders.config import check_database_url
 from orders.domain import Item, ListQuery, NewOrder, Order, Status, StatusEvent
 from orders.errors import Aborted, AlreadyExists, NotFound, OrderError
 
-SCHEMA_VERSION = 3  # 2: order.encoded; 3: no index on idempotency_key.created_us
+SCHEMA_VERSION = 4  # 2: order.encoded; 3: no index on idempotency_key.created_us; 4: schema_version.pruned_through
 KEY_TIME_INDEX = "idempotency_key_created_us"  # schema 1 and 2 had it; see Repository._drop_key_time_index
 DROP_KEY_TIME_INDEX_SQL = 'DROP INDEX IF EXISTS "idempotency_key_created_us"'
 # PostgreSQL: the advisory lock every write transaction holds ("orders.w" as a bigint), and the channel
@@ -166,6 +166,9 @@ class IdempotencyRow(_Model):
 
 class SchemaRow(_Model):
     version = peewee.IntegerField()
+    # The newest sequence retention has deleted (0: none): the event log starts right after it. Not the
+    # oldest event's, which on PostgreSQL may be past sequence numbers that transactions took and rolled back.
+    pruned_through = peewee.BigIntegerField(default=0)
 
     class Meta:
         table_name = "schema_version"
@@ -470,6 +473,8 @@ class Repository:
                     self._add_encoded_orders()
                 if found < 3:
                     self._drop_key_time_index()
+                if found < 4:
+                    self._record_pruned_through()
                 self._schema.update(version=SCHEMA_VERSION).execute()  # also when current: the write that checks
 
     def _schema_version(self) -> int | None:
@@ -513,6 +518,19 @@ class Repository:
         """Schema 2 → 3: drop the index on ``idempotency_key.created_us``, which no query reads and every
         create paid for (about 9 % of the pages a commit of creates writes)."""
         self.database.execute_sql(DROP_KEY_TIME_INDEX_SQL)
+
+    def _record_pruned_through(self) -> None:
+        """Schema 3 → 4: add ``schema_version.pruned_through``, taken to be just before the oldest event, as
+        schema 3 took the log to start (it may have pruned up to there)."""
+        s, e = self._schema, self._events
+        column = peewee.BigIntegerField(constraints=[peewee.SQL("DEFAULT 0")])  # NOT NULL: a default for the old row
+        playhouse_migrate.migrate(
+            playhouse_migrate.SchemaMigrator.from_database(self.database).add_column(
+                s._meta.table_name, "pruned_through", column, allow_not_null=True
+            )
+        )
+        oldest = e.select(peewee.fn.MIN(e.sequence)).scalar()
+        s.update(pruned_through=oldest - 1 if oldest is not None else 0).execute()
 
     # --- writes ------------------------------------------------------------------------------
 
@@ -668,14 +686,15 @@ class Repository:
         ``INTEGER PRIMARY KEY`` (peewee's BigAutoField, no AUTOINCREMENT) hands out MAX(sequence) + 1, which
         would restart from a lower number if the newest events could be deleted.
         """
-        e = self._events
+        e, s = self._events, self._schema
         if self._pruned_through is None:  # the first append since this process started
-            self._pruned_through = e.select(peewee.fn.MIN(e.sequence)).scalar() - 1
+            self._pruned_through = s.select(peewee.fn.MAX(s.pruned_through)).scalar()
         surplus_through = head - self.retention_events
         if surplus_through - self._pruned_through < self.prune_slack:
             return
         through = min(surplus_through, self._pruned_through + PRUNE_BATCH_MAX)
         e.delete().where(e.sequence <= through).execute()
+        s.update(pruned_through=through).where(s.pruned_through < through).execute()  # others prune too
         # If this transaction rolls back, the rows stay and the next prune (``<= through``) takes them.
         self._pruned_through = through
 
@@ -739,13 +758,15 @@ class Repository:
         return e.select(e.sequence, e.order_id, e.previous, e.status, e.time_us)
 
     def log_bounds(self) -> tuple[int, int]:
-        """(first retained sequence, head sequence) of the event log; (1, 0) when it is empty."""
-        # Two scalar subqueries in one statement: one snapshot, and each is a single index lookup
-        # (SQLite scans the whole table for MIN and MAX in one select list).
-        e = self._events
-        bounds = peewee.Select(columns=[e.select(peewee.fn.MIN(e.sequence)), e.select(peewee.fn.MAX(e.sequence))])
-        first, head = bounds.bind(self.database).tuples().get()
-        return (first or 1, head or 0)
+        """(first retained sequence, head sequence) of the event log; (1, 0) when it is empty. The first is the
+        one after the newest pruned: the oldest event's may be later (see :attr:`SchemaRow.pruned_through`)."""
+        # Two scalar subqueries in one statement: one snapshot, and each is a single index lookup.
+        e, s = self._events, self._schema
+        bounds = peewee.Select(
+            columns=[s.select(peewee.fn.MAX(s.pruned_through)), e.select(peewee.fn.MAX(e.sequence))]
+        )
+        pruned_through, head = bounds.bind(self.database).tuples().get()
+        return (pruned_through + 1, head or 0)
 
 
 async def listen_for_commits(database: peewee.PostgresqlDatabase, on_commit: Callable[[], None]) -> None:

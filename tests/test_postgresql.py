@@ -114,6 +114,28 @@ async def test_a_watcher_on_another_replica_is_woken_by_notify(
         await updates.aclose()
 
 
+async def test_sequence_numbers_taken_before_the_first_event_are_not_taken_for_pruned_events(
+    database_url: str,
+) -> None:
+    """A transaction that rolls back keeps the sequence numbers it took, so when the first write of a new
+    database rolls back (a failed connection, another replica's conflict), the log's first event is not 1.
+    Nothing was pruned: a watcher opened on the empty log gets that event, and so does a replay from 0."""
+    async with running_server(database_url) as server, OrderClient(f"127.0.0.1:{server.port}") as client:
+        live = client.watch()
+        first_update = asyncio.ensure_future(anext(live))
+        try:
+            await eventually(lambda: server.feed.watcher_count == 1, "the watcher registered")
+            with psycopg.connect(database_url) as other, other.transaction(force_rollback=True):
+                other.execute("INSERT INTO status_event (order_id, status, time_us) VALUES ('rolled back', 1, 0)")
+            order = await client.create([Item("First", 1, 1.0)])
+            update = await asyncio.wait_for(first_update, TIMEOUT)
+            assert (update.order_id, update.sequence) == (order.id, 2)
+            replayed = await asyncio.wait_for(anext(client.watch(after_sequence=0)), TIMEOUT)
+            assert (replayed.order_id, replayed.sequence) == (order.id, 2)
+        finally:
+            first_update.cancel()
+
+
 async def test_the_server_recovers_when_postgresql_drops_its_connections(database_url: str) -> None:
     database = database_url.rsplit("/", 1)[1]
     async with running_server(database_url) as server, OrderClient(f"127.0.0.1:{server.port}") as client:

@@ -5,6 +5,8 @@ Schema 1 had no ``order.encoded``: the test writes orders through a server, take
 schema 1 (drops the column, records version 1), and checks that a server opening it answers every read
 with exactly what it answered before, and goes on writing. Schema 2 had an index on the idempotency keys'
 creation times that no query read: a server opening such a database drops it, and keys work as before.
+Schema 3 took the event log to start at its oldest event; schema 4 records the newest pruned sequence
+instead, and the upgrade takes it to be the one before the oldest event.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from pathlib import Path
 import pytest
 from server_process import ServerProcess
 
-from orders import AlreadyExists, Item, OrderClient, OrderStatus, RetryPolicy, Unavailable
+from orders import AlreadyExists, Item, OrderClient, OrderStatus, OutOfRange, RetryPolicy, Unavailable
 from orders.storage import KEY_TIME_INDEX, SCHEMA_VERSION, DatabaseUnusable, Repository, open_database
 from orders.testing import serve
+
+BEFORE_SCHEMA_4 = "ALTER TABLE schema_version DROP COLUMN pruned_through"
 
 
 def set_schema(url: str, version: int, *statements: str) -> None:
@@ -61,7 +65,7 @@ async def test_a_schema_1_database_is_upgraded_and_serves_its_orders_unchanged(d
         await client.cancel(second.id)
         order_ids = [first.id, second.id, third.id]
         before = await answers(client, order_ids)
-    set_schema(database_url, 1, 'ALTER TABLE "order" DROP COLUMN encoded')
+    set_schema(database_url, 1, 'ALTER TABLE "order" DROP COLUMN encoded', BEFORE_SCHEMA_4)
 
     async with serve(database_url) as client:
         assert await answers(client, order_ids) == before
@@ -75,7 +79,7 @@ async def test_a_schema_1_database_is_upgraded_and_serves_its_orders_unchanged(d
 async def test_a_schema_2_database_loses_its_unused_index_and_keeps_its_idempotency_keys(database_url: str) -> None:
     async with serve(database_url) as client:
         order = await client.create([("pen", 1, 1.5)], request_id="key-1")
-    set_schema(database_url, 2, f'CREATE INDEX "{KEY_TIME_INDEX}" ON idempotency_key (created_us)')
+    set_schema(database_url, 2, f'CREATE INDEX "{KEY_TIME_INDEX}" ON idempotency_key (created_us)', BEFORE_SCHEMA_4)
     assert KEY_TIME_INDEX in key_indexes(database_url)
 
     async with serve(database_url) as client:
@@ -84,6 +88,20 @@ async def test_a_schema_2_database_loses_its_unused_index_and_keeps_its_idempote
             await client.create([("ink", 1, 2.0)], request_id="key-1")
         assert (await client.create([("ink", 1, 2.0)], request_id="key-2")).id != order.id
     assert KEY_TIME_INDEX not in key_indexes(database_url)
+    assert stored_schema(database_url) == [(SCHEMA_VERSION,)]
+
+
+async def test_a_schema_3_database_keeps_the_start_of_its_event_log(database_url: str) -> None:
+    async with serve(database_url) as client:
+        first, second, third = [await client.create([("pen", 1, 1.5)]) for _ in range(3)]
+    set_schema(database_url, 3, "DELETE FROM status_event WHERE sequence = 1", BEFORE_SCHEMA_4)  # pruned by schema 3
+
+    async with serve(database_url) as client:
+        with pytest.raises(OutOfRange, match="holds sequences 2 to 3"):
+            await anext(client.watch(after_sequence=0))
+        replayed = client.watch(after_sequence=1)
+        assert [(await anext(replayed)).order_id for _ in range(2)] == [second.id, third.id]
+        await replayed.aclose()
     assert stored_schema(database_url) == [(SCHEMA_VERSION,)]
 
 
