@@ -148,7 +148,7 @@ def parse_targets(targets: str | Sequence[str]) -> tuple[str, ...]:
     return cleaned
 
 
-def _as_error(exc: BaseException, *, tls_hint: bool) -> OrderError:
+def _as_error(exc: BaseException) -> OrderError:
     if isinstance(exc, GRPCError):
         return error_for(exc.status.name, exc.message or exc.status.name)
     if isinstance(exc, asyncio.TimeoutError):  # grpclib's client-side deadline (an OSError on 3.11+)
@@ -161,12 +161,24 @@ def _as_error(exc: BaseException, *, tls_hint: bool) -> OrderError:
     if isinstance(exc, _MALFORMED_REPLY):
         return Internal(f"the server's reply broke the gRPC protocol: {exc}")
     if isinstance(exc, StreamTerminatedError):  # the call's stream had been opened: its request may have arrived
-        # dropped before the server said anything: what a TLS server does with a plaintext client, too
-        hint = " (if the server serves TLS, connect with TLS)" if tls_hint and str(exc) == _CONNECTION_LOST else ""
-        return Unavailable(
-            f"the connection to the server was lost mid-call ({exc}); it may or may not have had effect{hint}"
-        )
+        return Unavailable(f"the connection to the server was lost mid-call ({exc}); it may or may not have had effect")
     return Unavailable(f"cannot reach the server: {exc}")
+
+
+async def _speaks_tls(host: str, port: int, seconds: float) -> bool:
+    """Whether a TLS handshake with ``host:port`` completes within ``seconds``. The certificate is not checked:
+    nothing is sent on the connection, which is dropped once the handshake is done."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    try:
+        async with asyncio.timeout(seconds):
+            _, writer = await asyncio.open_connection(host, port, ssl=context)
+    except OSError:  # refused, reset, closed, not TLS (ssl.SSLError), or too slow (TimeoutError)
+        return False
+    writer.transport.abort()
+    return True
 
 
 def _heard_from(channel: Channel, since: float = -math.inf) -> bool:
@@ -261,6 +273,9 @@ _MALFORMED_REPLY = (ProtocolError, NotImplementedError, AssertionError)
 # Failures to connect at all: the request never left, so even a call that is not safe to repeat is retried.
 _NEVER_SENT = (ConnectionRefusedError, socket.gaierror)
 _CONNECTION_LOST = "Connection lost"  # grpclib's StreamTerminatedError when the peer closes the connection
+# The longest wait for a TLS handshake that checks whether a server which closed a plaintext connection before
+# speaking HTTP/2 serves TLS (a connection and a handshake: two or three round trips).
+TLS_CHECK_SECONDS = 2.0
 _TRANSPORT_ERRORS = (GRPCError, StreamTerminatedError, ConnectionError, OSError, *_MALFORMED_REPLY)
 # A retry is not started with less time left than this: it would end in DEADLINE_EXCEEDED, hiding the
 # error that made the call retry (a server that is down answers a connection attempt in well under it).
@@ -297,7 +312,10 @@ class OrderClient:
     ``tls``: ``True`` turns TLS on with the system trust store; an :class:`ssl.SSLContext` is used as given
     (offer ALPN ``h2`` in it). Both off (the default): plaintext HTTP/2. ``token`` and TLS apply to every
     target; each server's certificate must name its target's host. TLS failures (untrusted certificate,
-    plaintext server) raise :class:`orders.errors.Unavailable` promptly.
+    plaintext server) raise :class:`orders.errors.Unavailable` promptly, and so does a plaintext client
+    whose connection a TLS server closes: a connection closed before the server said anything is checked
+    with a TLS handshake, and if that succeeds the error says to connect with TLS (else it is an outage,
+    retried as usual).
 
     ``keepalive``: while calls or watches are in flight on a connection, the client sends an HTTP/2 ping
     every quarter of ``keepalive`` seconds, and drops the connection once nothing at all (neither the
@@ -525,11 +543,13 @@ class OrderClient:
             try:
                 return await method(self._stubs[index])(request, deadline=deadline)
             except _TRANSPORT_ERRORS as exc:
-                error = self._failed(index, exc)
+                needs_tls = await self._tls_refusal(index, exc, deadline)
+                error = self._failed(index, exc, needs_tls)
                 if isinstance(error, DeadlineExceeded) and not _heard_from(self._channels[index], since=started):
                     self._move_on(index, "heard nothing before the call's deadline")
                 safe = retry or isinstance(exc, _NEVER_SENT)
-                retryable = safe and _is_retryable(error, exc) and attempt < attempts and not self._closed
+                mendable = needs_tls is None and _is_retryable(error, exc)
+                retryable = safe and mendable and attempt < attempts and not self._closed
                 delay = self._pause(attempt)
                 if not retryable or (deadline is not None and deadline.time_remaining() <= delay + MIN_ATTEMPT_SECONDS):
                     raise error from exc
@@ -545,10 +565,28 @@ class OrderClient:
         the next target (unless a concurrent call has already moved the client on)."""
         if self._closed and not isinstance(exc, GRPCError):
             return Unavailable("the client was closed while the call was in flight")
-        error = error or _as_error(exc, tls_hint=not self.tls and not _heard_from(self._channels[index]))
+        error = error or _as_error(exc)
         if isinstance(error, Unavailable):
             self._move_on(index, f"is unavailable ({error})")
         return error
+
+    async def _tls_refusal(
+        self, index: int, exc: BaseException, deadline: Deadline | None = None
+    ) -> Unavailable | None:
+        """UNAVAILABLE saying to connect with TLS if ``exc`` is a plaintext connection to target ``index`` closed
+        before the server said anything (what a TLS server does with plaintext HTTP/2) and the target completes
+        a TLS handshake (within ``deadline``, if given); no retry mends that. None otherwise: an outage."""
+        lost_unheard = isinstance(exc, StreamTerminatedError) and str(exc) == _CONNECTION_LOST
+        if self.tls or self._closed or not lost_unheard or _heard_from(self._channels[index]):
+            return None
+        seconds = TLS_CHECK_SECONDS if deadline is None else min(TLS_CHECK_SECONDS, deadline.time_remaining())
+        if not await _speaks_tls(*self._addresses[index], seconds):
+            return None
+        return Unavailable(
+            f"the server at {self.targets[index]} closed the connection before speaking HTTP/2: it serves TLS,"
+            " and this client connected without it; connect with TLS (ca_file or tls=True; --ca-file or --tls"
+            " on the command line)"
+        )
 
     def _move_on(self, index: int, why: str) -> None:
         """Have later calls go to the target after ``index`` (unless a concurrent call has already moved the
@@ -586,7 +624,8 @@ class OrderClient:
         It raises :class:`Unavailable` once attempts have failed in a row for ``give_up_after`` seconds
         (None: keep trying), or at the first failure when ``reconnect`` is False (but a refused connection
         still moves on to each other target: the watch had not begun); a TLS set-up that no retry can mend
-        (an untrusted certificate) fails at once. The watch ends when the client is closed.
+        (an untrusted certificate, a TLS server reached without TLS) fails at once. The watch ends when the
+        client is closed.
 
         Heartbeats are used for resuming; with ``heartbeats`` True they are yielded too, as updates with an
         empty ``order_id`` whose ``sequence`` is how far the watch has read the log. A consumer that saves its
@@ -644,14 +683,16 @@ class OrderClient:
                 if isinstance(exc, _Silence):  # a dead connection: the next call on this target opens a new one
                     self._channels[index].close()
                     lost = Unavailable(f"nothing arrived for {silence_limit} s")
-                error = self._failed(index, exc, lost)
+                needs_tls = await self._tls_refusal(index, exc)
+                error = self._failed(index, exc, lost or needs_tls)
                 if self._closed:
                     return
                 now = loop.time()
                 failing_since = now if failing_since is None else failing_since
                 gave_up = give_up_after is not None and now - failing_since > give_up_after
                 untried = isinstance(exc, _NEVER_SENT) and failures + 1 < len(self.targets)  # refused: it never began
-                if not ((reconnect or untried) and _is_retryable(error, exc)) or gave_up:
+                mendable = needs_tls is None and _is_retryable(error, exc)
+                if not ((reconnect or untried) and mendable) or gave_up:
                     raise error from exc
                 failures += 1
                 log.info("watch on %s interrupted (%s); resuming after sequence %s", self.targets[index], error, cursor)

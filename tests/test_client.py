@@ -911,6 +911,20 @@ async def test_a_call_ended_by_a_lost_connection_or_its_deadline_leaves_its_task
             await asyncio.sleep(1)
 
 
+async def test_a_target_closing_connections_unheard_without_serving_tls_is_an_outage_the_watch_moves_past(
+    server, client
+):
+    """A connection closed before the server said anything is taken for a TLS server's refusal only once a TLS
+    handshake with the target completes; one that speaks no TLS (a proxy whose backend is down) is an outage, and
+    the watch moves on to the next target as for any other."""
+    order = await client.create([Item("Book", 1, 10.0)])
+    live = f"127.0.0.1:{server.port}"
+    async with dropping_target() as dropping, OrderClient([dropping, live], timeout=10) as watcher:
+        update = await asyncio.wait_for(first_update_of(watcher.watch([order.id], after_sequence=0)), 10)
+        assert (update.order_id, update.status) == (order.id, OrderStatus.PENDING)
+        assert watcher.target == live
+
+
 async def test_a_change_with_expected_version_is_resent_only_if_it_never_left(server, client):
     order = await client.create([Item("Laptop", 1, 1000.0)])
     live = f"127.0.0.1:{server.port}"

@@ -418,7 +418,40 @@ async def test_a_client_not_trusting_the_ca_is_unavailable(
 
 async def test_a_plaintext_client_against_the_tls_port_fails_promptly(tls_server: OrderServer) -> None:
     async with client(tls_server) as plaintext:
-        await assert_refused_promptly(plaintext, "if the server serves TLS, connect with TLS")
+        await assert_refused_promptly(
+            plaintext,
+            f"the server at {target_of(tls_server)} closed the connection before speaking HTTP/2: it serves TLS",
+            "connect with TLS (ca_file or tls=True; --ca-file or --tls on the command line)",
+            watch_reconnects=True,
+        )
+
+
+async def test_a_watch_that_would_reconnect_forever_fails_at_once_against_a_tls_server_process(
+    tmp_path: Path, database_url: str, certs: SimpleNamespace
+) -> None:
+    """The server closes a plaintext connection before a word of HTTP/2, as one going down may do: the client
+    finds it serving TLS (a handshake completes) and gives up at once, instead of taking it for an outage."""
+    server = ServerProcess(tmp_path, database_url, args=["--tls-cert", str(certs.chain), "--tls-key", str(certs.key)])
+    await server.start()
+    try:
+        async with OrderClient(server.target, timeout=TIMEOUT) as plaintext:
+            started = time.monotonic()
+            with pytest.raises(Unavailable) as watching:
+                await watch_first(plaintext, give_up_after=None)
+            with pytest.raises(Unavailable) as getting:
+                await plaintext.get(str(uuid.uuid4()))
+            assert time.monotonic() - started < PROMPTLY
+        expected = (
+            f"the server at {server.target} closed the connection before speaking HTTP/2: it serves TLS, and this"
+            " client connected without it; connect with TLS (ca_file or tls=True; --ca-file or --tls on the"
+            " command line)"
+        )
+        assert watching.value.code == getting.value.code == "UNAVAILABLE"
+        assert watching.value.message == getting.value.message == expected
+        async with OrderClient(server.target, ca_file=certs.ca, timeout=TIMEOUT) as tls_client:
+            await tls_client.create([Item("Pen", 1, 1.0)])  # and the server serves TLS clients all along
+    finally:
+        await server.kill()
 
 
 async def test_a_tls_client_against_a_plaintext_server_fails_promptly(certs: SimpleNamespace) -> None:
@@ -599,12 +632,15 @@ def test_cli_without_the_right_token_is_unauthenticated(secure_target: str, cert
     assert_fails(cli("watch", *secure, "--token", WRONG), "UNAUTHENTICATED")
 
 
+@pytest.mark.parametrize("command", ["get", "watch"])
 @pytest.mark.parametrize("trust", [[], ["--tls"]], ids=["plaintext", "system-trust-store"])
-def test_cli_without_the_ca_is_unavailable(secure_target: str, trust: list[str]) -> None:
+def test_cli_without_the_ca_is_unavailable(secure_target: str, trust: list[str], command: str) -> None:
+    """At once: a watch does not reconnect for all of its --timeout, since no retry can mend this."""
+    order_id = [str(uuid.uuid4())] if command == "get" else []
     started = time.monotonic()
-    result = cli("get", str(uuid.uuid4()), "--target", secure_target, "--token", TOKEN, "--timeout", "5", *trust)
+    result = cli(command, *order_id, "--target", secure_target, "--token", TOKEN, "--timeout", "20", *trust)
     assert_fails(result, "UNAVAILABLE")
-    assert "TLS" in result.stderr  # plaintext: "if the server serves TLS, ..."; the system store: the handshake
+    assert ("TLS handshake" if trust else "it serves TLS, and this client connected without it") in result.stderr
     assert time.monotonic() - started < TIMEOUT
 
 
