@@ -14,7 +14,8 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, NoReturn
 
 from grpclib.health.v1 import health_pb2
 from grpclib.reflection.service import ServerReflection
@@ -118,12 +119,13 @@ class OrderServer:
     async def start(self) -> int:
         """Open the database, start serving, and return the port actually bound.
 
-        Raises DatabaseUnusable, or OSError when a port cannot be listened on; either way what had
-        started is stopped again (the storage threads too).
+        Raises DatabaseUnusable, or OSError when a port cannot be listened on; either way, and when
+        cancelled, what had started is stopped again (the storage threads too, given AFTER_GRACE to
+        finish: a connect or lock wait still running is left to the end of the process).
         """
         try:
             await self.storage.open()
-        except DatabaseUnusable:
+        except (DatabaseUnusable, asyncio.CancelledError):
             await self.storage.close(timeout=AFTER_GRACE)
             raise
         try:
@@ -142,7 +144,7 @@ class OrderServer:
             else:
                 host, port = self.config.host, self.config.port
                 await self._server.start(host, port, ssl=self._ssl, reuse_port=reuse_port or None)
-        except OSError:
+        except (OSError, asyncio.CancelledError):
             await self.feed.close()
             if self._commit_listener is not None:
                 self._commit_listener.cancel()
@@ -233,6 +235,15 @@ def announce(port: int) -> None:
         raise SystemExit(f"orders serve: cannot write the startup line to standard output: {exc}") from None
 
 
+class StoppedWhileStarting(Exception):
+    """A stop signal arrived while the server was still starting (waiting for its database, say): it was
+    stopped without having served."""
+
+    def __init__(self, signum: signal.Signals) -> None:
+        super().__init__(f"orders serve: stopped by {signum.name} while starting, before serving")
+        self.signum = signum
+
+
 def graceful_stop_signals() -> tuple[signal.Signals, ...]:
     """The signals that stop a server gracefully: SIGINT (Ctrl-C), SIGTERM, and SIGHUP (its terminal
     closed), unless SIGHUP is ignored, as under ``nohup``."""
@@ -246,19 +257,22 @@ async def serve(
     stop_signals: Sequence[signal.Signals] | None = None,
 ) -> None:
     """Run a server until one of ``stop_signals`` (by default :func:`graceful_stop_signals`), then shut it
-    down gracefully; a second one ends the grace period at once."""
+    down gracefully; a second one ends the grace period at once. One that arrives while the server is still
+    starting cancels the start-up (a database that does not answer is not waited for): StoppedWhileStarting."""
     stop = asyncio.Event()
-    order_server: OrderServer | None = None
+    told: list[signal.Signals] = []  # the stop signals received, in order
+    serving: OrderServer | None = None  # once started
 
-    def stop_or_hurry() -> None:
+    def stop_or_hurry(signum: signal.Signals) -> None:
         """The first signal stops the server gracefully; another (a second Ctrl-C) ends the grace period."""
-        if stop.is_set() and order_server is not None:
-            order_server.hurry()
+        told.append(signum)
+        if stop.is_set() and serving is not None:
+            serving.hurry()
         stop.set()
 
     loop = asyncio.get_running_loop()
     for signum in graceful_stop_signals() if stop_signals is None else stop_signals:
-        loop.add_signal_handler(signum, stop_or_hurry)
+        loop.add_signal_handler(signum, stop_or_hurry, signum)
     try:
         order_server = OrderServer(config)
     except SecurityConfigError as exc:  # a bad token, certificate or key: one clear line, no traceback
@@ -266,11 +280,14 @@ async def serve(
     except DatabaseUnusable as exc:  # no driver for it
         raise _unusable(config, exc) from None
     try:
-        await order_server.start()
+        started = await _unless_stopped(order_server.start(), stop)
     except DatabaseUnusable as exc:
         raise _unusable(config, exc) from None
     except OSError as exc:  # the port is taken, or the host is not an address of this machine
         raise SystemExit(f"orders serve: cannot listen: {exc}") from None
+    if not started:
+        raise StoppedWhileStarting(told[0])
+    serving = order_server
     tune_garbage_collection()
     try:
         on_started(order_server.port)
@@ -284,6 +301,33 @@ async def serve(
         # on a hung connection). Nothing acknowledged depends on it: end the process now, still exit 0.
         logging.shutdown()
         os._exit(0)
+
+
+async def _unless_stopped(work: Coroutine[Any, Any, object], stop: asyncio.Event) -> bool:
+    """Run ``work`` to its end (raising what it raises) and return True; unless ``stop`` is set first: then
+    cancel ``work``, wait for it to clean up, and return False."""
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+    if task.cancelled():
+        return False
+    task.result()
+    return True
+
+
+def die_of(signum: signal.Signals) -> NoReturn:
+    """End the process as ``signum`` ends one that does not handle it: its parent sees it killed by that
+    signal (a shell's ``$?`` is 128 + its number), as before the server's handlers are installed."""
+    logging.shutdown()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    os._exit(128 + signum)  # not reached: the signal ends the process first
 
 
 def configure_logging(level: str, log_format: str = "text") -> None:
@@ -303,25 +347,55 @@ def _unusable(config: ServerConfig, exc: DatabaseUnusable) -> SystemExit:
 
 
 async def prepare_database(config: ServerConfig) -> None:
-    """Create, upgrade or check the schema of ``config.db``, or exit with one line saying why not.
+    """Create, upgrade or check the schema of ``config.db``, or exit with one line saying why not. A stop
+    signal (:func:`graceful_stop_signals`) meanwhile cancels it: StoppedWhileStarting. The signals' handlers
+    from before are in place again afterwards.
 
     ``--workers N`` does this once before starting the workers: a schema upgrade that outlasted the
     database's busy timeout would otherwise leave every worker but the upgrading one unable to start.
     """
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    told: list[signal.Signals] = []
+
+    def on_signal(signum: signal.Signals) -> None:
+        told.append(signum)
+        stop.set()
+
+    handlers = {signum: signal.getsignal(signum) for signum in graceful_stop_signals()}
+    for signum in handlers:
+        loop.add_signal_handler(signum, on_signal, signum)
     try:
         storage = Storage(config.db, retention_events=config.retention_events)
         try:
-            await storage.open()
+            opened = await _unless_stopped(storage.open(), stop)
         finally:
             await storage.close(timeout=AFTER_GRACE)
+        if not opened:
+            raise StoppedWhileStarting(told[0])
     except DatabaseUnusable as exc:
         raise _unusable(config, exc) from None
+    finally:
+        _restore(loop, handlers)
+
+
+def _restore(loop: asyncio.AbstractEventLoop, handlers: dict[signal.Signals, Any]) -> None:
+    """Put ``handlers`` back in place of the loop's, with their signals held back meanwhile: one arriving
+    in between would otherwise meet the default action, the end of the process."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, handlers)
+    try:
+        for signum, handler in handlers.items():
+            loop.remove_signal_handler(signum)
+            signal.signal(signum, handler)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def run(config: ServerConfig) -> None:
     """Serve until SIGINT, SIGTERM or SIGHUP: in this process, or with ``--workers N`` in N worker processes.
 
-    A start-up error is one line on stderr and exit 1; with ``--log-format json``, one JSON log record.
+    A start-up error is one line on stderr and exit 1; with ``--log-format json``, one JSON log record. A stop
+    signal during start-up is one such line too, and the process then ends killed by that signal.
     """
     configure_logging(config.log_level, config.log_format)
     if config.token is not None and config.tls_cert is None and not is_loopback(config.host):
@@ -332,9 +406,15 @@ def run(config: ServerConfig) -> None:
         )
     try:
         if config.workers > 1:
-            asyncio.run(prepare_database(config))
             sys.exit(supervise(config, announce))
         asyncio.run(serve(config))
+    except StoppedWhileStarting as stopped:
+        if config.log_format == "json":
+            log.warning("%s", stopped)
+        else:
+            with contextlib.suppress(OSError):  # stderr gone: the exit status still says it
+                print(stopped, file=sys.stderr, flush=True)
+        die_of(stopped.signum)
     except SystemExit as refusal:
         if config.log_format != "json" or not isinstance(refusal.code, str):
             raise
@@ -350,4 +430,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # As the module orders.server, which the supervisor of --workers imports too: the StoppedWhileStarting it
+    # raises is then the one run() catches.
+    import orders.server
+
+    orders.server.main()

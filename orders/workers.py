@@ -11,12 +11,15 @@ is also how separate replicas on several machines work.
 It prints ``Server started on port N`` once every worker accepts connections; SIGTERM, SIGINT or SIGHUP
 is passed on to every worker (as SIGTERM: a worker ignores the SIGINT a Ctrl-C, or the SIGHUP a closed
 terminal, sends the whole process group), each drains as a single server does, and the supervisor exits 0
-once all have; a second signal is passed on too, and ends the workers' grace period at once. A worker
-that dies on its own is replaced, and so is one that hangs: each worker's event loop sends the supervisor
-a beat every second, and a worker silent for ``SILENCE_LIMIT`` seconds (a blocked loop, a stopped
-process) is killed and replaced, since it would otherwise keep taking its share of new connections and
-answer none. A supervisor killed outright (``kill -9``, the OOM killer) takes its workers with it (on
-Linux), so that none is left holding the port.
+once all have; a second signal is passed on too, and ends the workers' grace period at once. One that
+arrives before every worker listens (as the database is prepared, or the workers wait for it) is not
+waited out: the workers are stopped at once, and the supervisor ends as a single server told to stop
+while starting does, with one line, killed by that signal. A worker that dies on its own is replaced, and
+so is one that hangs: each worker's event loop sends the supervisor a beat every second, and a worker
+silent for ``SILENCE_LIMIT`` seconds (a blocked loop, a stopped process) is killed and replaced, since it
+would otherwise keep taking its share of new connections and answer none. A supervisor killed outright
+(``kill -9``, the OOM killer) takes its workers with it (on Linux), so that none is left holding the
+port.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from orders.config import ServerConfig
 log = logging.getLogger(__name__)
 
 START_TIMEOUT = 60.0  # seconds a worker gets to open the database and start listening
+CHECK_INTERVAL = 0.2  # seconds between the supervisor's looks at whether it was told to stop
 RESTART_DELAY = 1.0  # seconds before a worker that died is replaced, so a crash loop does not spin
 BEAT_INTERVAL = 1.0  # seconds between a worker's beats to the supervisor
 # Seconds without a beat after which a worker is taken as hung: half a client's default deadline (10 s), so
@@ -53,25 +57,31 @@ PR_SET_PDEATHSIG = 1  # Linux prctl(2): the signal this process gets when its pa
 
 
 def supervise(config: ServerConfig, on_started: Callable[[int], None]) -> int:
-    """Run ``config.workers`` worker processes until SIGTERM, SIGINT or SIGHUP, calling ``on_started`` with
-    the port once they all accept connections; the exit code for the supervisor. Should anything fail
-    (``on_started`` included), the workers are stopped before the error goes on."""
+    """Prepare the database, then run ``config.workers`` worker processes until SIGTERM, SIGINT or SIGHUP,
+    calling ``on_started`` with the port once they all accept connections; the exit code for the supervisor.
+    Should anything fail (``on_started`` included), the workers are stopped before the error goes on. A
+    signal before every worker listens stops them, and raises StoppedWhileStarting."""
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited loop or threads
-    stopping = False
+    stopping: signal.Signals | None = None  # the first signal, once told to stop
     workers: list[_Worker] = []
 
     def stop(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
-        if stopping:  # told again (a second Ctrl-C): so is each worker, which then ends its grace period
+        if stopping is not None:  # told again (a second Ctrl-C): so is each worker, which then ends its grace period
             for worker in workers:
                 if worker.process.exitcode is None:
                     worker.process.terminate()
-        stopping = True
+            return
+        stopping = signal.Signals(signum)
 
-    from orders.server import graceful_stop_signals
+    def told_to_stop() -> bool:
+        return stopping is not None
+
+    from orders.server import StoppedWhileStarting, graceful_stop_signals, prepare_database
 
     for signum in graceful_stop_signals():
         signal.signal(signum, stop)
+    asyncio.run(prepare_database(config))
     with contextlib.ExitStack() as reserved:
         try:
             port = reserved.enter_context(_reserved_port(config))
@@ -79,14 +89,14 @@ def supervise(config: ServerConfig, on_started: Callable[[int], None]) -> int:
             raise SystemExit(f"orders serve: cannot listen: {exc}") from None
         config = dataclasses.replace(config, port=port)
         workers += [_start(context, config, index) for index in range(config.workers)]
-        failures = [failure for worker in workers if (failure := _ready(worker)) is not None]
+        failures = [failure for worker in workers if (failure := _ready(worker, told_to_stop)) is not None]
         if failures:  # the same reason, most likely, for every worker: said once
             _stop_all([worker.process for worker in workers], STOP_MARGIN)
-            raise SystemExit(failures[0])
+            raise StoppedWhileStarting(stopping) if stopping is not None else SystemExit(failures[0])
     try:
-        if not stopping:  # told to stop while the workers started: they never served, so say nothing
+        if stopping is None:  # told to stop just as the last worker started: none has served, so say nothing
             on_started(port)
-        _look_after(workers, context, config, lambda: stopping)
+        _look_after(workers, context, config, told_to_stop)
     finally:
         exit_code = _stop_all([worker.process for worker in workers], config.grace + STOP_MARGIN)
     return exit_code
@@ -100,7 +110,9 @@ def _look_after(
 ) -> None:
     """Until ``stopping()``: replace each worker that exits, and kill (then replace) each that falls silent."""
     while not stopping():
-        multiprocessing.connection.wait([w.process.sentinel for w in workers] + _open_pipes(workers), timeout=0.2)
+        multiprocessing.connection.wait(
+            [w.process.sentinel for w in workers] + _open_pipes(workers), timeout=CHECK_INTERVAL
+        )
         for index, worker in enumerate(workers):
             if stopping():
                 break
@@ -114,8 +126,8 @@ def _look_after(
                 worker.beats.close()
                 time.sleep(RESTART_DELAY)
                 replacement = _start(context, config, index)
-                failure = _ready(replacement)
-                if failure is None:
+                failure = _ready(replacement, stopping)
+                if failure is None or stopping():  # when stopping, stopped with the others
                     workers[index] = replacement
                 else:
                     log.error("%s", failure)
@@ -160,12 +172,17 @@ def _start(context: multiprocessing.context.SpawnContext, config: ServerConfig, 
     return _Worker(process, receive)
 
 
-def _ready(worker: _Worker) -> str | None:
+def _ready(worker: _Worker, stopping: Callable[[], bool]) -> str | None:
     """Wait for the worker to report that it listens: None once it has; else why it did not start (its own
-    one-line start-up error, or that it exited or timed out first)."""
+    one-line start-up error, or that it exited or timed out first), or that the supervisor was told to stop
+    first (then the worker is left running, to be stopped with the others)."""
     process, ready = worker.process, worker.beats
     reason = None
-    if not ready.poll(START_TIMEOUT):  # still starting: give up on it
+    give_up = time.monotonic() + START_TIMEOUT
+    while not (reported := ready.poll(CHECK_INTERVAL)) and time.monotonic() < give_up:
+        if stopping():
+            return f"orders serve: {worker} had not started when told to stop"
+    if not reported:  # still starting: give up on it
         _stop_all([process], STOP_MARGIN)
     else:
         try:
@@ -184,7 +201,8 @@ def _ready(worker: _Worker) -> str | None:
 
 def _stop_all(processes: list[BaseProcess], patience: float) -> int:
     """SIGTERM every worker still running, SIGKILL those still running ``patience`` seconds later (a hung or
-    stopped one never ends otherwise), and wait for all; 0 if every one exited cleanly."""
+    stopped one never ends otherwise), and wait for all; 0 if every one exited cleanly: with 0 (it drained),
+    or killed by the SIGTERM (it was still starting, and never served)."""
     for process in processes:
         if process.exitcode is None and process.pid is not None:
             process.terminate()
@@ -196,12 +214,12 @@ def _stop_all(processes: list[BaseProcess], patience: float) -> int:
             log.error("%s (pid %s) still running %.0f s after SIGTERM; killing it", process.name, process.pid, patience)
             process.kill()
             process.join()
-    return 0 if all(process.exitcode == 0 for process in processes) else 1
+    return 0 if all(process.exitcode in (0, -signal.SIGTERM) for process in processes) else 1
 
 
 def _worker(config: ServerConfig, ready: multiprocessing.connection.Connection, supervisor: int) -> None:
     """A worker process: one complete server on the shared port, until it or its supervisor stops."""
-    from orders.server import configure_logging, serve
+    from orders.server import StoppedWhileStarting, configure_logging, die_of, serve
 
     _end_with(supervisor)
     # A Ctrl-C, or the terminal's hang-up, reaches every process of the terminal's group: a worker stops
@@ -223,6 +241,8 @@ def _worker(config: ServerConfig, ready: multiprocessing.connection.Connection, 
                 raise
             ready.send(refusal.code)
             sys.exit(1)
+        except StoppedWhileStarting as stopped:  # by the supervisor, which speaks for the workers
+            die_of(stopped.signum)
     sys.exit(0)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -76,6 +77,17 @@ class ServerProcess:
         return self.process is not None and self.process.returncode is None
 
     async def start(self) -> None:
+        """Start the server and wait for its startup line."""
+        await self.launch()
+        assert self.process is not None and self.process.stdout is not None
+        try:
+            line = await asyncio.wait_for(self.process.stdout.readline(), START_TIMEOUT)
+        except TimeoutError:
+            raise AssertionError(f"the server did not start; log:\n{self.log.read_text()}") from None
+        assert line.decode().strip() == f"Server started on port {self.port}", (line, self.log.read_text())
+
+    async def launch(self) -> None:
+        """Start the server process, without waiting for it to say that it has started."""
         with self.log.open("ab") as log:
             self.process = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -92,12 +104,6 @@ class ServerProcess:
                 start_new_session=True,
                 preexec_fn=self._ignore_signals if self.ignored_signals else None,
             )
-        assert self.process.stdout is not None
-        try:
-            line = await asyncio.wait_for(self.process.stdout.readline(), START_TIMEOUT)
-        except TimeoutError:
-            raise AssertionError(f"the server did not start; log:\n{self.log.read_text()}") from None
-        assert line.decode().strip() == f"Server started on port {self.port}", (line, self.log.read_text())
 
     def _ignore_signals(self) -> None:
         """In the child before it runs the server: what ``nohup`` does for SIGHUP."""
@@ -140,3 +146,31 @@ class ServerProcess:
         if self.process is not None and self.process.returncode is None:
             self.process.kill()
             await self.process.wait()
+
+    async def kill_group(self) -> None:
+        """SIGKILL every process of the server's group (with ``--workers``, its workers too), and reap the server."""
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError):  # none left
+                os.killpg(self.process.pid, signal.SIGKILL)
+            await self.process.wait()
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes that process ``pid`` started and that are still running (Linux)."""
+    with contextlib.suppress(FileNotFoundError):  # it has exited
+        return [
+            int(child)
+            for task in Path(f"/proc/{pid}/task").iterdir()
+            for child in (task / "children").read_text().split()
+        ]
+    return []
+
+
+def has_open(pid: int, path: Path) -> bool:
+    """Whether process ``pid`` has the file ``path`` open (Linux)."""
+    with contextlib.suppress(FileNotFoundError):  # it has exited
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(FileNotFoundError):  # closed meanwhile
+                if fd.readlink() == path:
+                    return True
+    return False

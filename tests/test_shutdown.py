@@ -3,6 +3,10 @@ every watch with UNAVAILABLE, lets the unary calls already running finish, refus
 after it began with UNAVAILABLE, loses no acknowledged write, and exits 0 -- within ``--grace``: a call
 still running when the grace period is over is cancelled and the process exits 0 all the same.
 
+A stop signal that arrives while the server is still starting (waiting for a database that does not answer,
+or for another process's write lock) does not wait for the database: the server exits at once, with one line
+saying so, killed by the signal as a process without handlers for it is.
+
 Every test runs on SQLite and on PostgreSQL. Calls are kept genuinely in flight by holding the database's
 write lock from the test, so the server's writes wait exactly as they would behind another writer: on
 SQLite ``BEGIN IMMEDIATE`` on the server's own file (they wait on its busy timeout), on PostgreSQL the
@@ -15,14 +19,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import fcntl
 import itertools
+import os
 import random
 import signal
 import sqlite3
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,7 +38,8 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.health.v1.health_grpc import HealthStub
 from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
-from server_process import ServerProcess
+from server_process import ServerProcess, child_pids, has_open
+from test_stream import eventually
 
 from orders import storage
 from orders._proto.orders.v1 import (
@@ -488,3 +496,157 @@ async def test_signal_under_load_loses_no_acknowledged_write(tmp_path, database_
         for channel in channels:
             channel.close()
         await server.kill()
+
+
+# --- a stop signal during start-up ----------------------------------------------------------------------------
+
+START_UP_STOP_BOUND = 3.0  # seconds from the signal to the exit; the database is waited for 10 s or more
+
+
+def stopped_while_starting(signum: signal.Signals) -> str:
+    """What the server says on stderr when a stop signal ends it while it starts."""
+    return f"orders serve: stopped by {signum.name} while starting, before serving\n"
+
+
+def tell(server: ServerProcess, signum: signal.Signals) -> None:
+    """Send ``signum`` as it comes in real life: SIGTERM from a supervisor to the server process alone,
+    SIGINT (Ctrl-C) and SIGHUP (its terminal closed) from its terminal to its whole process group."""
+    if signum == signal.SIGTERM:
+        server.send_signal(signum)
+    else:
+        server.signal_group(signum)
+
+
+@dataclass
+class UnansweringDatabase:
+    """A database that a starting server waits for far longer than the test, and how to tell that process
+    ``pid`` waits for it now."""
+
+    url: str
+    waited_for_by: Callable[[int], bool]
+
+
+@pytest.fixture
+async def unanswering_database(backend: str, tmp_path: Path) -> AsyncIterator[UnansweringDatabase]:
+    """On SQLite, a file whose writer lock this process holds, as a sibling server would (waited for 10 s,
+    the busy timeout); on PostgreSQL, a server that accepts connections and never says a word (waited for
+    30 s, the URL's connect_timeout)."""
+    if backend == "sqlite":
+        path = tmp_path / "orders.db"
+        lock = tmp_path / "orders.db-writer.lock"
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield UnansweringDatabase(f"sqlite:///{path}", lambda pid: has_open(pid, lock))
+        finally:
+            os.close(fd)
+        return
+    connections: list[asyncio.StreamWriter] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)  # held open, never answered
+
+    listener = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        yield UnansweringDatabase(
+            f"postgresql://postgres@127.0.0.1:{port}/orders?connect_timeout=30", lambda _: bool(connections)
+        )
+    finally:
+        listener.close()
+        for writer in connections:
+            writer.close()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("signum", SIGNALS)
+async def test_a_stop_signal_while_the_database_does_not_answer_at_start_up_ends_the_server_at_once(
+    tmp_path, unanswering_database, signum, workers
+):
+    """Told to stop while it waits for its database at start-up (with ``--workers 2``, the supervisor, which
+    prepares the database before it starts any worker), the server does not wait on: it exits at once, with
+    one line and no traceback, killed by the signal (a shell's ``$?`` is 128 + its number)."""
+    server = ServerProcess(tmp_path, unanswering_database.url, args=["--workers", workers])
+    try:
+        await server.launch()
+        assert server.process is not None and server.process.stdout is not None
+        await eventually(lambda: unanswering_database.waited_for_by(server.process.pid), "the wait for the database")
+        signalled = time.monotonic()
+        tell(server, signum)
+        exit_code = await server.wait()
+        took = time.monotonic() - signalled
+        print(f"\n[stop while starting, {signum.name}, --workers {workers}] exit {exit_code} after {took:.2f}s")
+        assert exit_code == -signum, server.log.read_text()
+        assert took < START_UP_STOP_BOUND
+        assert await server.process.stdout.read() == b""
+        assert server.log.read_text() == stopped_while_starting(signum)
+    finally:
+        await server.kill_group()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_a_server_started_under_nohup_ignores_sighup_while_starting_too(tmp_path, unanswering_database, workers):
+    """SIGHUP ignored, as ``nohup`` starts the server, stays ignored during start-up; SIGTERM still stops it."""
+    server = ServerProcess(
+        tmp_path, unanswering_database.url, args=["--workers", workers], ignored_signals=[signal.SIGHUP]
+    )
+    try:
+        await server.launch()
+        assert server.process is not None
+        await eventually(lambda: unanswering_database.waited_for_by(server.process.pid), "the wait for the database")
+        server.signal_group(signal.SIGHUP)
+        await asyncio.sleep(1)
+        assert server.running, server.log.read_text()
+        signalled = time.monotonic()
+        assert await server.stop() == -signal.SIGTERM, server.log.read_text()
+        assert time.monotonic() - signalled < START_UP_STOP_BOUND
+        assert server.log.read_text() == stopped_while_starting(signal.SIGTERM)
+    finally:
+        await server.kill_group()
+
+
+@contextlib.contextmanager
+def write_lock_waiters(url: str) -> Iterator[Callable[[list[int]], int]]:
+    """A function counting how many of the processes it is given wait for the write lock of the database at
+    ``url`` (held by the test): on SQLite those with its lock file open (the holder, stuck in SQLite's busy
+    wait, and the others), on PostgreSQL the sessions waiting for its advisory lock (whichever processes)."""
+    if url.startswith("sqlite"):
+        lock = Path(url.removeprefix("sqlite:///") + "-writer.lock")
+        yield lambda pids: sum(has_open(pid, lock) for pid in pids)
+        return
+    import psycopg
+
+    libpq_url = urllib.parse.urlsplit(url)._replace(scheme="postgresql").geturl()
+    with psycopg.connect(libpq_url, autocommit=True, connect_timeout=5) as pg:
+        query = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        yield lambda _: pg.execute(query).fetchone()[0]
+
+
+@pytest.mark.parametrize(
+    "signum", [pytest.param(signal.SIGTERM, id="SIGTERM"), pytest.param(signal.SIGINT, id="SIGINT")]
+)
+async def test_a_stop_signal_while_the_workers_wait_for_the_database_ends_them_and_the_supervisor_at_once(
+    tmp_path, database_url, signum
+):
+    """With ``--workers 2``, the database prepared, the workers start, and wait for the write lock another
+    process holds: a stop signal to the supervisor (or a Ctrl-C to all) ends the workers and the supervisor at
+    once, with one line, rather than once the workers' wait for the lock has run out."""
+    server = ServerProcess(tmp_path, database_url, args=["--workers", "2"])
+    try:
+        await server.launch()
+        assert server.process is not None and server.process.stdout is not None
+        supervisor = server.process.pid
+        await eventually(lambda: bool(child_pids(supervisor)), "a child process: the database is prepared")
+        with write_lock(database_url), write_lock_waiters(database_url) as waiters:
+            await eventually(lambda: waiters(child_pids(supervisor)) == 2, "both workers waiting for the lock", 15)
+            signalled = time.monotonic()
+            tell(server, signum)
+            exit_code = await server.wait()
+            took = time.monotonic() - signalled
+        print(f"\n[stop while the workers start, {signum.name}] exit {exit_code} after {took:.2f}s")
+        assert exit_code == -signum, server.log.read_text()
+        assert took < START_UP_STOP_BOUND
+        assert await server.process.stdout.read() == b""
+        assert server.log.read_text() == stopped_while_starting(signum)
+    finally:
+        await server.kill_group()
