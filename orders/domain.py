@@ -133,6 +133,16 @@ class StatusEvent(NamedTuple):
     time_us: int
 
 
+class EventPage(NamedTuple):
+    """Events read from the log, and the newest sequence that retention had deleted when they were read: if
+    that is above the sequence they were read after, events after it were pruned before they could be read."""
+
+    events: list[StatusEvent]
+    # 0 when no events were read from the whole log: then none after the sequence had been deleted either,
+    # since retention never deletes the newest event
+    pruned_through: int
+
+
 # --- money -------------------------------------------------------------------------------------
 
 

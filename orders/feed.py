@@ -19,7 +19,7 @@ import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import Generic, TypeVar
 
-from orders.domain import StatusEvent, WatchQuery
+from orders.domain import EventPage, StatusEvent, WatchQuery
 from orders.errors import OutOfRange, Unavailable
 
 T = TypeVar("T")
@@ -29,7 +29,7 @@ YIELD_EVERY_OFFERS = 10_000  # the tailer lets the loop run other work after abo
 # events and their payloads, so under overload (a thousand lagging streams) this bounds the memory.
 MAX_CATCHING_UP = 16
 RECENT_PAYLOADS = 65_536  # payloads of the newest events kept for streams catching up over them
-ReadEvents = Callable[[int, Collection[str], int], Awaitable[list[StatusEvent]]]
+ReadEvents = Callable[[int, Collection[str], int], Awaitable[EventPage]]
 ReadBounds = Callable[[], Awaitable[tuple[int, int]]]
 
 log = logging.getLogger(__name__)
@@ -291,9 +291,9 @@ class Feed(Generic[T]):
             self.on_readable_change(readable)
 
     async def _publish_next_page(self) -> bool:
-        events = await self._read_events(self.head, (), self._page_size)
-        if events and events[0].sequence > self.head + 1:
-            await self._check_retention_passed_the_tailer()
+        events, pruned_through = await self._read_events(self.head, (), self._page_size)
+        if self.head < pruned_through:
+            self._retention_passed_the_tailer(pruned_through)
         offered = 0
         for event in events:
             order_watchers = self._by_order.get(event.order_id, ())
@@ -325,31 +325,25 @@ class Feed(Generic[T]):
         not rendered again: a thousand streams that fell behind together catch up over the same events.
         """
         async with self._reading_the_log:
-            events = await self._read_events(after, order_ids, self._page_size)
-            # The bounds are read after the events: pruning only moves ``first`` forward, so if the read
-            # missed anything (after < first - 1 as it ran), this sees it too.
-            first, _ = await self._read_bounds()
+            events, pruned_through = await self._read_events(after, order_ids, self._page_size)
             recent = self._recent
             payloads = [recent[e.sequence] if e.sequence in recent else self._render(e) for e in events]
-            return payloads, (events[-1].sequence if events else None), first
+            return payloads, (events[-1].sequence if events else None), pruned_through + 1
 
-    async def _check_retention_passed_the_tailer(self) -> None:
-        """The tailer's read skipped sequences: if retention pruned them before it read them, no watcher
-        got them live, so every watcher goes to the database, where the bounds check in :meth:`watch`
-        ends each one that needed them with OUT_OF_RANGE (one that did not, e.g. a live-only stream
-        opened past them, carries on). A gap the log never held (a rolled-back sequence on PostgreSQL)
-        passes the check: the log still reaches back to the tailer's head.
+    def _retention_passed_the_tailer(self, pruned_through: int) -> None:
+        """Retention pruned events after the tailer's head before it read them, so no watcher got them
+        live: every watcher goes to the database, where the catch-up in :meth:`watch` ends each one that
+        needed them with OUT_OF_RANGE (one that did not, e.g. a live-only stream opened past them, carries
+        on). A gap the log never held (a rolled-back sequence on PostgreSQL) is no such thing.
         """
-        first, _ = await self._read_bounds()  # after the read: pruning only moves ``first`` forward
-        if self.head < first - 1:
-            log.warning(
-                "event-log retention pruned sequences %d to %d before this server published them; "
-                "every stream that needed them ends with OUT_OF_RANGE (raise --retention-events)",
-                self.head + 1,
-                first - 1,
-            )
-            for watcher in self._watchers:
-                watcher.fall_behind(self.head)
+        log.warning(
+            "event-log retention pruned sequences up to %d before this server published those after %d; "
+            "every stream that needed them ends with OUT_OF_RANGE (raise --retention-events)",
+            pruned_through,
+            self.head,
+        )
+        for watcher in self._watchers:
+            watcher.fall_behind(self.head)
 
     def _register(self, watcher: _Watcher[T]) -> None:
         self._watchers.add(watcher)

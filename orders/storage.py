@@ -28,7 +28,7 @@ from playhouse import migrate as playhouse_migrate
 
 from orders import domain, wire
 from orders.config import check_database_url
-from orders.domain import Item, ListQuery, NewOrder, Order, Status, StatusEvent
+from orders.domain import EventPage, Item, ListQuery, NewOrder, Order, Status, StatusEvent
 from orders.errors import Aborted, AlreadyExists, NotFound, OrderError
 
 SCHEMA_VERSION = 4  # 2: order.encoded; 3: no index on idempotency_key.created_us; 4: schema_version.pruned_through
@@ -693,8 +693,12 @@ class Repository:
         if surplus_through - self._pruned_through < self.prune_slack:
             return
         through = min(surplus_through, self._pruned_through + PRUNE_BATCH_MAX)
-        e.delete().where(e.sequence <= through).execute()
-        s.update(pruned_through=through).where(s.pruned_through < through).execute()  # others prune too
+        # Recorded is the newest event deleted, not ``through``: on PostgreSQL that may be a sequence number a
+        # transaction took and rolled back, and a stream that read up to just before it has missed nothing.
+        deleted_through = e.select(peewee.fn.MAX(e.sequence)).where(e.sequence <= through).scalar()
+        if deleted_through is not None:
+            e.delete().where(e.sequence <= deleted_through).execute()
+            s.update(pruned_through=deleted_through).where(s.pruned_through < deleted_through).execute()
         # If this transaction rolls back, the rows stay and the next prune (``<= through``) takes them.
         self._pruned_through = through
 
@@ -737,8 +741,9 @@ class Repository:
             self._page_sqls[status_count] = select.order_by(o.key).limit(1).sql()[0]
         return self._page_sqls[status_count]
 
-    def events_after(self, sequence: int, order_ids: Iterable[str] = (), limit: int = 500) -> list[StatusEvent]:
-        """Events with a sequence above ``sequence``, oldest first, optionally for some orders only."""
+    def events_after(self, sequence: int, order_ids: Iterable[str] = (), limit: int = 500) -> EventPage:
+        """Events with a sequence above ``sequence``, oldest first, optionally for some orders only; with the
+        newest sequence retention had deleted as they were read (one statement, one snapshot)."""
         e = self._events
         ids = list(order_ids)
         if ids:  # a filtered stream catching up: any number of ids, so peewee builds the query
@@ -748,14 +753,21 @@ class Repository:
             if self._files is not None:
                 self._files.check()
             rows = self.database.execute_sql(self._events_after_sql, (sequence, limit))
-        return [
+        rows = list(rows)
+        events = [
             StatusEvent(seq, oid, _STATUSES.get(previous), _STATUSES[status], at)
-            for seq, oid, previous, status, at in rows
+            for seq, oid, previous, status, at, _ in rows
         ]
+        if rows:
+            return EventPage(events, rows[0][-1])
+        if ids:  # no row to carry it: read after the events, it can only have moved forward (safe)
+            return EventPage(events, self._schema.select(peewee.fn.MAX(self._schema.pruned_through)).scalar())
+        return EventPage(events, 0)
 
     def _event_columns(self) -> peewee.ModelSelect:
-        e = self._events
-        return e.select(e.sequence, e.order_id, e.previous, e.status, e.time_us)
+        e, s = self._events, self._schema
+        pruned_through = s.select(peewee.fn.MAX(s.pruned_through))
+        return e.select(e.sequence, e.order_id, e.previous, e.status, e.time_us, pruned_through)
 
     def log_bounds(self) -> tuple[int, int]:
         """(first retained sequence, head sequence) of the event log; (1, 0) when it is empty. The first is the

@@ -75,8 +75,8 @@ async def advance(stub: OrderServiceStub, order_id: str, *statuses: OrderStatus)
 
 
 async def events_of(server: OrderServer, order_id: str) -> list[tuple[OrderStatus, OrderStatus]]:
-    events = await server.storage.read(server.storage.repository.events_after, 0, (order_id,), 10_000)
-    return [(OrderStatus(e.previous or 0), OrderStatus(e.status)) for e in events]
+    page = await server.storage.read(server.storage.repository.events_after, 0, (order_id,), 10_000)
+    return [(OrderStatus(e.previous or 0), OrderStatus(e.status)) for e in page.events]
 
 
 def update(stub: OrderServiceStub, order_id: str, status: OrderStatus, expected_version: int = 0) -> Awaitable[object]:

@@ -136,6 +136,28 @@ async def test_sequence_numbers_taken_before_the_first_event_are_not_taken_for_p
             first_update.cancel()
 
 
+async def test_retention_counts_as_pruned_only_events_it_deleted_not_a_rolled_back_sequence_number(
+    database_url: str,
+) -> None:
+    """The newest 5 events are kept; the sequence number just before them was taken by a transaction that
+    rolled back, so no event had it: a stream resuming after the last deleted event misses nothing, and is
+    served."""
+    async with (
+        running_server(database_url, retention_events=5) as server,
+        OrderClient(f"127.0.0.1:{server.port}") as client,
+    ):
+        for _ in range(5):
+            await client.create([Item("Before", 1, 1.0)])  # sequences 1 to 5
+        with psycopg.connect(database_url) as other, other.transaction(force_rollback=True):
+            other.execute("INSERT INTO status_event (order_id, status, time_us) VALUES ('rolled back', 1, 0)")  # 6
+        after = [await client.create([Item("After", 1, 1.0)]) for _ in range(5)]  # 7 to 11: 1 to 5 are pruned
+        assert server.storage.repository.log_bounds() == (6, 11)
+        resumed = client.watch(after_sequence=5, reconnect=False)
+        updates = [await asyncio.wait_for(anext(resumed), TIMEOUT) for _ in range(5)]
+        await resumed.aclose()
+        assert [(u.sequence, u.order_id) for u in updates] == [(7 + i, o.id) for i, o in enumerate(after)]
+
+
 async def test_the_server_recovers_when_postgresql_drops_its_connections(database_url: str) -> None:
     database = database_url.rsplit("/", 1)[1]
     async with running_server(database_url) as server, OrderClient(f"127.0.0.1:{server.port}") as client:

@@ -115,7 +115,7 @@ def _append(repository: Repository, n: int) -> None:
 
 def _count_and_bounds(repository: Repository) -> tuple[int, int, int]:
     first, head = repository.log_bounds()
-    return len(repository.events_after(0, (), 10**9)), first, head
+    return len(repository.events_after(0, (), 10**9).events), first, head
 
 
 def test_a_large_retention_prunes_in_batches_within_the_documented_slack(database_url):
@@ -420,6 +420,33 @@ async def test_streams_end_with_out_of_range_when_retention_prunes_events_the_ta
             gate.set()
             for watch in (before, filtered, after):
                 await watch.close()
+
+
+async def test_a_prune_committed_right_after_a_catch_up_read_takes_nothing_the_stream_needs():
+    """The catch-up read got every event after the stream's cursor; a commit that then prunes the oldest of
+    them takes nothing the stream still needs, so it carries on: the log's start is judged as of that read."""
+    async with retaining() as (server, stub):
+        await twenty_events(stub)
+        first, head = await bounds(server)
+        read_events = server.feed._read_events
+        pruned: list[tuple[int, int]] = []
+
+        async def read_then_prune(after, order_ids, limit):
+            page = await read_events(after, order_ids, limit)
+            if after == first - 1 and not pruned:  # the stream's catch-up read: a commit lands just after it
+                await create(stub, "pruning")
+                pruned.append(await bounds(server))
+            return page
+
+        server.feed._read_events = read_then_prune
+        watch = await open_watch(server, stub, OrderStatusStreamRequest(after_sequence=first - 1))
+        try:
+            await watch.wait_for_sequence(head + 1)
+            assert pruned == [(first + 1, head + 1)], "the commit should have pruned the oldest event read"
+            assert [u.sequence for u in watch.updates] == list(range(first, head + 2))
+            assert watch.error is None
+        finally:
+            await watch.close()
 
 
 async def test_a_filtered_watcher_whose_last_event_was_pruned_can_still_lag_and_catch_up():

@@ -28,7 +28,7 @@ from orders._proto.orders.v1 import (
     StatusUpdate,
     UpdateOrderStatusRequest,
 )
-from orders.domain import StatusEvent, WatchQuery
+from orders.domain import EventPage, StatusEvent, WatchQuery
 from orders.feed import MAX_CATCHING_UP, Feed
 from orders.server import OrderServer, ServerConfig
 
@@ -55,7 +55,7 @@ async def set_status(stub: OrderServiceStub, order_id: str, status: OrderStatus)
 
 async def event_log(server: OrderServer, after: int = 0, order_ids: tuple[str, ...] = ()) -> list[StatusEvent]:
     repository = server.storage.repository
-    return await server.storage.read(repository.events_after, after, order_ids, 1_000_000)
+    return (await server.storage.read(repository.events_after, after, order_ids, 1_000_000)).events
 
 
 async def log_head(server: OrderServer) -> int:
@@ -625,8 +625,8 @@ async def test_server_shutdown_ends_streams_with_unavailable(database_url):
 
 
 def _bare_feed() -> Feed[object]:
-    async def no_events(after: int, order_ids: object, limit: int) -> list[StatusEvent]:
-        return []
+    async def no_events(after: int, order_ids: object, limit: int) -> EventPage:
+        return EventPage([], 0)
 
     async def empty_log() -> tuple[int, int]:
         return (1, 0)
@@ -705,13 +705,13 @@ class InMemoryLog:
             sequence = len(self.events) + 1
             self.events.append(StatusEvent(sequence, str(uuid.uuid4()), None, domain.Status.PENDING, sequence))
 
-    async def read(self, after: int, order_ids: object, limit: int) -> list[StatusEvent]:
+    async def read(self, after: int, order_ids: object, limit: int) -> EventPage:
         self.reads += 1
         self.reading += 1
         self.most_reading = max(self.most_reading, self.reading)
         await asyncio.sleep(0.001)
         self.reading -= 1
-        return self.events[after : after + limit]
+        return EventPage(self.events[after : after + limit], 0)
 
     async def bounds(self) -> tuple[int, int]:
         return (1, len(self.events))
