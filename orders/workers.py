@@ -37,6 +37,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
+from multiprocessing import resource_tracker
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
@@ -53,6 +54,8 @@ BEAT_INTERVAL = 1.0  # seconds between a worker's beats to the supervisor
 SILENCE_LIMIT = 5.0
 STOP_MARGIN = 5.0  # seconds a worker gets to exit after SIGTERM beyond --grace, before SIGKILL
 LONGEST_JOIN = 3600.0  # seconds of one wait for a process to end (poll(2) takes at most 24 days; --grace more)
+# What a terminal sends its whole process group (Ctrl-C, hang-up): the supervisor relays it to the workers.
+GROUP_SIGNALS = (signal.SIGINT, signal.SIGHUP)
 PR_SET_PDEATHSIG = 1  # Linux prctl(2): the signal this process gets when its parent dies
 
 
@@ -167,9 +170,25 @@ def _start(context: multiprocessing.context.SpawnContext, config: ServerConfig, 
     metrics_port = config.metrics_port and config.metrics_port + index  # None: off; 0: each picks a free one
     worker_config = dataclasses.replace(config, metrics_port=metrics_port)
     process = context.Process(target=_worker, args=(worker_config, send, os.getpid()), name=f"orders-worker-{index}")
-    process.start()
+    with _blocked_in_children(GROUP_SIGNALS):
+        process.start()
     send.close()
     return _Worker(process, receive)
+
+
+@contextlib.contextmanager
+def _blocked_in_children(signals: tuple[signal.Signals, ...]) -> Iterator[None]:
+    """``signals`` blocked in the processes started meanwhile, which keep their signal mask across exec: a
+    worker does not take a Ctrl-C to the group while it imports the server, before it can ignore it (a
+    traceback, or a fatal error, before). Here they are held back meanwhile, and reach the handlers after."""
+    # multiprocessing starts its resource tracker with the first process, and unblocks SIGINT once it has:
+    # started first, it leaves the mask alone.
+    resource_tracker.ensure_running()
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _ready(worker: _Worker, stopping: Callable[[], bool]) -> str | None:
@@ -223,9 +242,11 @@ def _worker(config: ServerConfig, ready: multiprocessing.connection.Connection, 
 
     _end_with(supervisor)
     # A Ctrl-C, or the terminal's hang-up, reaches every process of the terminal's group: a worker stops
-    # when its supervisor relays it.
-    for signum in (signal.SIGINT, signal.SIGHUP):
+    # when its supervisor relays it. Started with them blocked (see _blocked_in_children), it drops any that
+    # came meanwhile.
+    for signum in GROUP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, GROUP_SIGNALS)
     configure_logging(config.log_level, config.log_format)
 
     def started(port: int) -> None:

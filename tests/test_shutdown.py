@@ -612,6 +612,24 @@ async def test_a_server_started_under_nohup_ignores_sighup_while_starting_too(tm
         await server.kill_group()
 
 
+async def test_a_ctrl_c_as_the_workers_are_spawned_is_one_line_not_their_import_tracebacks(tmp_path, database_url):
+    """A Ctrl-C reaches every process of the group, workers still importing the server included: they hold
+    it back from their first instruction and then drop it, and the supervisor alone speaks."""
+    signum = signal.SIGINT
+    server = ServerProcess(tmp_path, database_url, args=["--workers", "2"])
+    try:
+        await server.launch()
+        assert server.process is not None
+        supervisor = server.process.pid
+        await eventually(lambda: len(child_pids(supervisor)) >= 2, "the workers spawned", 15)
+        tell(server, signum)
+        assert await server.wait() == -signum, server.log.read_text()
+        said = [line for line in server.log.read_text().splitlines() if " INFO " not in line]  # a worker that
+        assert said == [stopped_while_starting(signum).strip()]  # listened already drains, and may say so
+    finally:
+        await server.kill_group()
+
+
 @contextlib.contextmanager
 def write_lock_waiters(url: str) -> Iterator[Callable[[list[int]], int]]:
     """A function counting how many of the processes it is given wait for the write lock of the database at
