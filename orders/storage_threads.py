@@ -218,8 +218,9 @@ class GroupCommitWriter(DatabaseThread):
     Consecutive jobs of a batch that are parts of the same write of several requests (see
     :meth:`Storage.write_together`) run as one call of it, with all their arguments.
 
-    A batch first runs its jobs straight in the transaction. Should one fail, the transaction is rolled
-    back (the failed job may have written part of its work) and the batch runs again with each job in
+    A batch first runs its jobs straight in the transaction. Should one fail (not a request that a write of
+    several refuses: that wrote nothing, and gets its error), the transaction is rolled back (the failed job
+    may have written part of its work) and the batch runs again with each job in
     its own savepoint (a job is a repository write, whose ``write_transaction()`` then nests as one), so
     the failing job rolls back only itself and gets its own error while the others commit. A job alone
     needs neither: its own ``write_transaction()`` is the transaction. A failure of the database itself
@@ -283,12 +284,13 @@ def _together(jobs: list[_Job]) -> Iterator[list[_Job]]:
 
 
 def _run_group(jobs: list[_Job]) -> list[tuple[Any, BaseException | None]]:
-    """Each job's result or error; a group of parts of one call returns the errors of the requests it
-    refused (a write's wrote nothing) and raises for anything else."""
-    if len(jobs) == 1:
+    """Each job's result or error; a group of parts of one call (even a group of one) returns the errors of
+    the requests it refused, which wrote nothing, so the batch's transaction goes on without them; it raises
+    for anything else."""
+    together = jobs[0].together
+    if together is None:  # a job alone
         return [(jobs[0].fn(), None)]
-    many = jobs[0].together.many  # type: ignore[union-attr]  # a group of several is of parts
-    outcomes = many([job.together.argument for job in jobs])  # type: ignore[union-attr]
+    outcomes = together.many([job.together.argument for job in jobs])  # type: ignore[union-attr]  # all parts
     return [(None, outcome) if isinstance(outcome, OrderError) else (outcome, None) for outcome in outcomes]
 
 

@@ -218,6 +218,36 @@ async def test_status_changes_queued_together_run_as_one_call_and_apply_in_turn(
     assert stored == [shipped[0], y, cancelled[0]]
 
 
+async def test_a_refused_request_alone_in_its_group_does_not_make_the_batch_run_again(storage: Storage) -> None:
+    """A create, a status change the state machine refuses, another create: three groups of one call each.
+    The refusal wrote nothing, so the batch commits in one pass; the writes were run again with savepoints
+    (every call twice, and on PostgreSQL sequence numbers lost to the rollback) before."""
+    repository = storage.repository
+    (pending, _) = await storage.write(repository.create_order, NEW, None)
+    calls: list[str] = []
+
+    def create_orders(requests: list) -> list:
+        calls.append("create")
+        return repository.create_orders(requests)
+
+    def change_statuses(requests: list) -> list:
+        calls.append("change")
+        return repository.change_statuses(requests)
+
+    refused = (Order.parse(pending).id, Status.DELIVERED, None)  # not allowed from PENDING
+    writes = [
+        storage.write_together(create_orders, (NEW, None)),
+        storage.write_together(change_statuses, refused),
+        storage.write_together(create_orders, (OTHER, None)),
+    ]
+
+    first, forbidden, second = await run_as_one_batch(storage, writes)
+
+    assert isinstance(forbidden, FailedPrecondition)
+    assert calls == ["create", "change", "create"]
+    assert second[1].sequence == first[1].sequence + 1
+
+
 async def test_order_reads_queued_together_run_as_one_call_yet_each_gets_its_own_answer(storage: Storage) -> None:
     repository = storage.repository
     (x, _), (y, _) = [await storage.write(repository.create_order, order, None) for order in (NEW, OTHER)]
