@@ -181,10 +181,12 @@ def _blocked_in_children(signals: tuple[signal.Signals, ...]) -> Iterator[None]:
     """``signals`` blocked in the processes started meanwhile, which keep their signal mask across exec: a
     worker does not take a Ctrl-C to the group while it imports the server, before it can ignore it (a
     traceback, or a fatal error, before). Here they are held back meanwhile, and reach the handlers after."""
-    # multiprocessing starts its resource tracker with the first process, and unblocks SIGINT once it has:
-    # started first, it leaves the mask alone.
-    resource_tracker.ensure_running()
     held = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    # multiprocessing starts its resource tracker with the first process, and unblocks SIGINT once it has:
+    # started here, it takes the mask too (a SIGHUP to the group would end it, as it ignores only SIGINT and
+    # SIGTERM), and the mask is set again after.
+    resource_tracker.ensure_running()
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     try:
         yield
     finally:

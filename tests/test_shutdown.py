@@ -612,10 +612,13 @@ async def test_a_server_started_under_nohup_ignores_sighup_while_starting_too(tm
         await server.kill_group()
 
 
-async def test_a_ctrl_c_as_the_workers_are_spawned_is_one_line_not_their_import_tracebacks(tmp_path, database_url):
-    """A Ctrl-C reaches every process of the group, workers still importing the server included: they hold
-    it back from their first instruction and then drop it, and the supervisor alone speaks."""
-    signum = signal.SIGINT
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP], ids=["SIGINT", "SIGHUP"])
+async def test_a_ctrl_c_as_the_workers_are_spawned_is_one_line_not_their_import_tracebacks(
+    tmp_path, database_url, signum
+):
+    """A Ctrl-C (or the terminal's hang-up) reaches every process of the group, workers still importing the
+    server included: they hold it back from their first instruction and then drop it, and the supervisor
+    alone speaks."""
     server = ServerProcess(tmp_path, database_url, args=["--workers", "2"])
     try:
         await server.launch()
