@@ -688,7 +688,7 @@ class Repository:
         """
         e, s = self._events, self._schema
         if self._pruned_through is None:  # the first append since this process started
-            self._pruned_through = s.select(peewee.fn.MAX(s.pruned_through)).scalar()
+            self._pruned_through = self._newest_pruned().scalar()
         surplus_through = head - self.retention_events
         if surplus_through - self._pruned_through < self.prune_slack:
             return
@@ -761,22 +761,23 @@ class Repository:
         if rows:
             return EventPage(events, rows[0][-1])
         if ids:  # no row to carry it: read after the events, it can only have moved forward (safe)
-            return EventPage(events, self._schema.select(peewee.fn.MAX(self._schema.pruned_through)).scalar())
+            return EventPage(events, self._newest_pruned().scalar())
         return EventPage(events, 0)
 
     def _event_columns(self) -> peewee.ModelSelect:
-        e, s = self._events, self._schema
-        pruned_through = s.select(peewee.fn.MAX(s.pruned_through))
-        return e.select(e.sequence, e.order_id, e.previous, e.status, e.time_us, pruned_through)
+        e = self._events
+        return e.select(e.sequence, e.order_id, e.previous, e.status, e.time_us, self._newest_pruned())
+
+    def _newest_pruned(self) -> peewee.ModelSelect:
+        """The newest sequence retention has deleted (see :attr:`SchemaRow.pruned_through`), as a query."""
+        return self._schema.select(peewee.fn.MAX(self._schema.pruned_through))
 
     def log_bounds(self) -> tuple[int, int]:
         """(first retained sequence, head sequence) of the event log; (1, 0) when it is empty. The first is the
         one after the newest pruned: the oldest event's may be later (see :attr:`SchemaRow.pruned_through`)."""
         # Two scalar subqueries in one statement: one snapshot, and each is a single index lookup.
-        e, s = self._events, self._schema
-        bounds = peewee.Select(
-            columns=[s.select(peewee.fn.MAX(s.pruned_through)), e.select(peewee.fn.MAX(e.sequence))]
-        )
+        e = self._events
+        bounds = peewee.Select(columns=[self._newest_pruned(), e.select(peewee.fn.MAX(e.sequence))])
         pruned_through, head = bounds.bind(self.database).tuples().get()
         return (pruned_through + 1, head or 0)
 
